@@ -1,0 +1,1 @@
+"""Datasets, image loading and the transforms of the official recipes."""

@@ -1,0 +1,1 @@
+"""Optimisation and training loops."""

@@ -1,0 +1,4 @@
+"""COCO-style evaluation."""
+from .coco import evaluate_detections, to_coco_results
+
+__all__ = ["evaluate_detections", "to_coco_results"]

@@ -1,0 +1,38 @@
+"""``build_model``: config (bundled name, YAML path or dict) -> detector."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Union
+
+from torch import nn
+
+from ..config import ConfigError, from_dict, load_config
+from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
+
+# model.name -> (typed config, detector class)
+MODELS = {
+    "sparse_rcnn": (SparseRCNNConfig, SparseRCNN),
+}
+
+
+def build_model(config: Union[str, Path, Mapping], overrides: Optional[Union[Iterable[str], Mapping]] = None) -> nn.Module:
+    """Builds a detector.
+
+    Args:
+        config: a bundled config name (``sparse_rcnn/r50_fpn_100pro_3x``), a YAML path, or a dict.
+        overrides: dotted overrides, ``["model.num_proposals=300"]`` or ``{"model.num_proposals": 300}``.
+
+    Returns:
+        The detector, in training mode, with the resolved config dict as ``model.config``.
+    """
+    full = load_config(config, overrides)
+    section = full.get("model")
+    if not isinstance(section, Mapping) or "name" not in section:
+        raise ConfigError(f"config {config if not isinstance(config, Mapping) else '<dict>'} has no model.name")
+    name = section["name"]
+    if name not in MODELS:
+        raise ConfigError(f"model.name {name!r} is not one of {sorted(MODELS)}")
+    config_cls, model_cls = MODELS[name]
+    model = model_cls(from_dict(config_cls, section, "model"))
+    model.config = full
+    return model

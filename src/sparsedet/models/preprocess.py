@@ -1,0 +1,122 @@
+"""What every detector does to its input before the backbone, and to its boxes after the head."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class ImagePreprocessor(nn.Module):
+    """Checks, colour-orders, normalises and zero-pads a list of images into one batch tensor.
+
+    Input images are RGB ``(3, H, W)`` tensors in 0-255 (float or uint8). Models whose weights
+    expect BGR flip the channels here, exactly once. After normalisation the batch is padded at the
+    bottom/right to the largest H and W, each rounded up to ``size_divisor``; padding is 0, i.e.
+    the mean colour.
+    """
+
+    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 input_format: str = "RGB", size_divisor: int = 32):
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        self.input_format = input_format
+        self.size_divisor = int(size_divisor)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self._warned_range = False
+
+    def forward(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """
+        Returns:
+            batch: (B, 3, H_pad, W_pad) normalised float tensor.
+            image_sizes: B un-padded (H, W).
+        """
+        check_images(images)
+        device = self.pixel_mean.device
+        normalised = []
+        for image in images:
+            image = image.to(device=device, dtype=torch.float32)
+            if self.input_format == "BGR":
+                image = image.flip(0)
+            normalised.append((image - self.pixel_mean) / self.pixel_std)
+            if not self._warned_range and image.numel() and image.max() <= 1.0:
+                warnings.warn("image values are all <= 1: sparsedet models expect 0-255 pixel values "
+                              "(multiply by 255)", stacklevel=3)
+                self._warned_range = True
+        image_sizes = [tuple(img.shape[-2:]) for img in normalised]
+        div = self.size_divisor
+        height = int(math.ceil(max(h for h, _ in image_sizes) / div) * div)
+        width = int(math.ceil(max(w for _, w in image_sizes) / div) * div)
+        batch = normalised[0].new_zeros((len(normalised), 3, height, width))
+        for slot, image in zip(batch, normalised):
+            slot[:, :image.shape[1], :image.shape[2]].copy_(image)
+        return batch, image_sizes
+
+
+def check_images(images) -> None:
+    """Raises ``TypeError``/``ValueError`` naming the bad image when ``images`` is not a non-empty
+    list of (3, H, W) float or uint8 tensors."""
+    if isinstance(images, Tensor):
+        raise TypeError("images must be a list of (3, H, W) tensors, not one tensor; "
+                        "pass list(batch) for a (B, 3, H, W) batch")
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("images must be a non-empty list of (3, H, W) tensors")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise TypeError(f"images[{i}] is a {type(image).__name__}, expected a torch.Tensor")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images[{i}] has shape {tuple(image.shape)}, expected (3, H, W) RGB")
+        if not (image.is_floating_point() or image.dtype == torch.uint8):
+            raise TypeError(f"images[{i}] has dtype {image.dtype}, expected a float or uint8 tensor of 0-255 values")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+
+
+def check_targets(targets, num_images: int, num_classes: int, image_sizes: Sequence[tuple[int, int]]) -> None:
+    """Raises ``ValueError`` naming the image and field for malformed training targets.
+
+    Each target needs ``boxes`` (M, 4) finite xyxy with x2 > x1 and y2 > y1, and ``labels`` (M,)
+    integers in ``[0, num_classes)``. M may be 0.
+    """
+    if targets is None:
+        raise ValueError("training needs targets: model(images, targets) with one dict per image")
+    if len(targets) != num_images:
+        raise ValueError(f"got {len(targets)} targets for {num_images} images")
+    for i, target in enumerate(targets):
+        for field in ("boxes", "labels"):
+            if field not in target:
+                raise ValueError(f"targets[{i}] has no {field!r}")
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] has shape {tuple(boxes.shape)}, expected (M, 4) xyxy")
+        if labels.shape != (boxes.shape[0],):
+            raise ValueError(f"targets[{i}]['labels'] has shape {tuple(labels.shape)}, expected ({boxes.shape[0]},)")
+        if labels.is_floating_point():
+            raise ValueError(f"targets[{i}]['labels'] must be integers, got {labels.dtype}")
+        if not torch.isfinite(boxes).all():
+            bad = (~torch.isfinite(boxes).all(dim=1)).nonzero()[0].item()
+            raise ValueError(f"targets[{i}]['boxes'][{bad}] is not finite: {boxes[bad].tolist()}")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            bad = degenerate.nonzero()[0].item()
+            raise ValueError(f"targets[{i}]['boxes'][{bad}] = {boxes[bad].tolist()} is degenerate "
+                             "(needs x2 > x1 and y2 > y1, xyxy pixel format)")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = ((labels < 0) | (labels >= num_classes)).nonzero()[0].item()
+            raise ValueError(f"targets[{i}]['labels'][{bad}] = {labels[bad].item()} is outside "
+                             f"[0, {num_classes}) (num_classes={num_classes}; labels are contiguous 0-based)")
+
+
+def rescale_boxes(boxes: Tensor, input_size: tuple[int, int], output_size: Optional[tuple[int, int]]) -> Tensor:
+    """Maps (K, 4) xyxy boxes from the network input's (H, W) to ``output_size`` (per-axis scale)
+    and clips them to it. ``output_size=None`` only clips to the input."""
+    height, width = output_size if output_size is not None else input_size
+    scale = boxes.new_tensor([width / input_size[1], height / input_size[0]] * 2)
+    boxes = boxes * scale
+    return torch.stack((boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)), dim=1)
+
