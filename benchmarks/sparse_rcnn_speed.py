@@ -99,18 +99,36 @@ def load_average() -> str:
         return ""
 
 
-def warn_if_busy(threads: int) -> None:
+def busy_fraction(seconds: float = 1.0) -> Optional[float]:
+    """Share of all CPUs' time spent non-idle over ``seconds`` (from /proc/stat), or None."""
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def warn_if_busy() -> None:
+    """Prints the load and warns when other processes already keep the CPUs busy."""
     load = load_average()
-    if not load:
+    busy = busy_fraction()
+    if load:
+        print(f"load average (1/5/15 min): {load}")
+    if busy is None:
         return
-    print(f"load average (1/5/15 min): {load}")
-    ncpu = os.cpu_count() or 1
-    if float(load.split()[0]) > max(ncpu - threads, 0) + 0.5:
+    print(f"CPU busy before start (1 s sample, all CPUs): {100 * busy:.0f} %")
+    if busy > 0.25:
         hint = ("" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else
                 "; rerun with --omp-passive (spinning OpenMP threads make every small op wait)")
-        print(f"WARNING: the machine is busy (load {load.split()[0]} on {ncpu} CPUs before we start, "
-              f"we add {threads} threads): wall times are inflated and noisy; compare the min/min and "
-              f"CPU-time ratios too{hint}")
+        print("WARNING: other processes keep the machine busy: wall times are inflated and noisy; "
+              f"compare the min/min and CPU-time ratios too{hint}")
 
 
 def cpu_model() -> str:
@@ -236,8 +254,10 @@ def bench_inference(args, build_model, device: torch.device, clock: Clock) -> bo
         frcnn = build_frcnn(size, args.frcnn_frozen_bn, device, frcnn_state)
         frcnn_state = frcnn.state_dict()
         if size == args.sizes[0]:
-            print(f"FRCNN: torchvision fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None"
-                  f"{', FrozenBatchNorm2d' if args.frcnn_frozen_bn else ''}), "
+            name = ("torchvision FasterRCNN(ResNet-50 with FrozenBatchNorm2d + FPN, trainable_layers=3, "
+                    "91 classes) = fasterrcnn_resnet50_fpn's pre-trained layout" if args.frcnn_frozen_bn else
+                    "torchvision fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)")
+            print(f"FRCNN: {name}, "
                   f"{sum(p.numel() for p in frcnn.parameters()) / 1e6:.1f} M params; transform "
                   "min_size/max_size = image short/long side (no resolution change)")
         images = [random_image(size, gen).to(device) for _ in range(args.batch)]
@@ -476,7 +496,7 @@ def main(argv=None) -> int:
     else:
         print("device: cpu")
 
-    warn_if_busy(args.threads)
+    warn_if_busy()
     build_model = import_build_model()
     results = []
     if not args.skip_inference:
