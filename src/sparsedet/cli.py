@@ -2,20 +2,151 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 EPILOG = """\
-configs: bundled names (see `sparsedet configs`) or YAML paths. Dotted overrides follow the
-config, e.g.  model.num_proposals=300  model.backbone.weights=/data/resnet50.pth
+configs: a bundled name (list them with `sparsedet configs`) or a YAML path. Any config value can
+be overridden after it with dotted KEY=VALUE pairs (values are YAML), e.g.
+  sparsedet train sparse_rcnn/mobilenetv2_fpn_tiny_coco solver.max_iter=500 model.num_proposals=50
+  sparsedet train my.yaml data.train.annotations=/data/train.json data.train.images=/data/train
+
+multi-GPU / multi-process training uses torchrun (gloo on CPU, NCCL on GPU):
+  torchrun --nproc_per_node 8 -m sparsedet train CONFIG --output runs/x
+  two machines: add --nnodes 2 --node_rank {0,1} --master_addr HOST0 --master_port 29500
+solver.images_per_batch is the total over all processes.
 """
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
-def _cmd_configs(args: argparse.Namespace) -> int:
-    from .config import bundled_configs
 
-    for name in bundled_configs():
-        print(name)
+def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits positional arguments into KEY=VALUE overrides and the rest (paths)."""
+    overrides = [item for item in items if _OVERRIDE.match(item)]
+    return overrides, [item for item in items if not _OVERRIDE.match(item)]
+
+
+def _default_output(config: str) -> Path:
+    return Path("runs") / Path(config).with_suffix("").as_posix().replace("/", "_")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.distributed import init_distributed
+    from .engine.trainer import Trainer
+    from .log import setup_logging
+
+    output = Path(args.output) if args.output else _default_output(args.config)
+    ctx = init_distributed(args.device)
+    setup_logging(output / "train.log", main_process=ctx.is_main)
+    config = load_config(args.config, args.overrides)
+    result = Trainer(config, output, resume=args.resume, device=args.device, progress=not args.no_progress).train()
+    if ctx.is_main:
+        print(f"outputs in {output}/ (last.pth, best.pth, metrics.jsonl, tensorboard/)")
+        if result is not None:
+            print(f"final AP {100 * result.stats['AP']:.1f} (AP50 {100 * result.stats['AP50']:.1f})")
+    return 0
+
+
+def _load_for_inference(args: argparse.Namespace):
+    import sparsedet
+
+    return sparsedet.load(args.weights, config=args.config, overrides=args.overrides,
+                          device=args.device or "cpu")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import read_dataset
+    from .engine.evaluate import evaluate_model
+    from .log import setup_logging
+
+    output = Path(args.output) if args.output else Path(args.weights).parent / "eval"
+    setup_logging(output / "eval.log")
+    model = _load_for_inference(args)
+    data_cfg = model.config.get("data") or {}
+    if not data_cfg.get(args.split):
+        raise ValueError(f"no data.{args.split} section in the config of {args.weights}: give one with overrides, "
+                         f"e.g. data.{args.split}.format=coco data.{args.split}.annotations=FILE "
+                         f"data.{args.split}.images=DIR")
+    dataset = read_dataset(data_cfg[args.split], data_cfg.get("root"), f"data.{args.split}")
+    result = evaluate_model(model, dataset, model.config, results_path=output / "results.json")
+    print(result.table())
+    (output / "metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
+    print(f"wrote {output / 'results.json'} and {output / 'metrics.json'}")
+    return 0
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def expand_image_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths.
+
+    Raises:
+        FileNotFoundError: an input matches nothing (names it).
+    """
+    import glob
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                             if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(f"no image file, folder or glob match for {item!r}")
+            paths += matches
+    if not paths:
+        raise FileNotFoundError(f"no images found in {list(inputs)}")
+    return paths
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    import sparsedet
+    from .checkpoint import atomic_write_text
+    from .visualize import draw_detections
+
+    model = _load_for_inference(args)
+    class_names = (model.config.get("data") or {}).get("class_names") or [
+        f"class {i}" for i in range(model.num_classes)]
+    paths = expand_image_inputs(args.inputs)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, path in enumerate(tqdm(paths, desc="predict", dynamic_ncols=True)):
+        detections = sparsedet.predict(model, path, score_threshold=args.score_threshold)[0]
+        draw_detections(path, detections, class_names, score_threshold=args.score_threshold).save(
+            output / f"{path.stem}.png")
+        if args.explain:
+            from .explain import explain_prediction
+            explain_prediction(model, path).save(output / f"{path.stem}_explain.png")
+        for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                                   detections["labels"].tolist()):
+            results.append({"image_id": image_id, "file_name": str(path), "category_id": int(label),
+                            "category_name": class_names[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(score)})
+    atomic_write_text(output / "results.json", json.dumps(results))
+    print(f"{len(paths)} images: annotated PNGs and results.json (COCO results format, category_id = "
+          f"contiguous label) in {output}/")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed, device=args.device)
     return 0
 
 
@@ -29,35 +160,90 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from .config import bundled_configs
 
-    run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed)
+    for name in bundled_configs():
+        print(name)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sparsedet", description="Sparse, query-based object detection: train, evaluate, convert.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
+    from .convert import CONVERTERS
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="sparsedet", description="Sparse, query-based object detection: train, evaluate, predict, convert.",
+        epilog=EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"sparsedet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train a small Sparse R-CNN on generated images and evaluate it",
-                               description="Generates a few synthetic images, trains a small Sparse R-CNN "
-                                           "on them on the CPU, prints the loss falling and the AP it reaches.")
-    demo.add_argument("--output", default="outputs/demo", help="folder for the report (default: %(default)s)")
-    demo.add_argument("--iterations", type=int, default=300, help="training steps (default: %(default)s)")
+    train = commands.add_parser(
+        "train", help="train a detector from a config", formatter_class=formatter, epilog=EPILOG,
+        description="Trains the model of CONFIG on its data.train set, evaluates on data.val every "
+                    "solver.eval_period iterations and at the end, and writes last.pth / best.pth, "
+                    "metrics.jsonl, tensorboard/ and train.log to --output. Ctrl-C saves last.pth; "
+                    "--resume continues exactly where it stopped.")
+    train.add_argument("config", help="bundled config name or YAML path")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train.add_argument("--output", help="output folder (default: runs/<config name>)")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from OUTPUT/last.pth, or from CHECKPOINT")
+    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="COCO AP of a checkpoint on a data set", formatter_class=formatter,
+        description="Evaluates WEIGHTS (a sparsedet checkpoint, or an official one with --config) on the "
+                    "config's data.val (or --split) and writes results.json (COCO results format) and "
+                    "metrics.json; prints AP, AP50, AP75, APs/m/l, AR1/10/100 and per-class AP.")
+    evaluate.add_argument("weights", help="checkpoint file (.pth/.pkl)")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="config overrides, e.g. model.csq.enabled=true data.val.annotations=FILE")
+    evaluate.add_argument("--config", help="config for checkpoints that carry none (official ones)")
+    evaluate.add_argument("--split", default="val", help="data section to evaluate on (default: %(default)s)")
+    evaluate.add_argument("--output", help="output folder (default: next to the weights, eval/)")
+    evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    predict = commands.add_parser(
+        "predict", help="detect objects in image files, folders or globs", formatter_class=formatter,
+        description="Runs WEIGHTS on every input image at the config's test scale and writes an annotated "
+                    "PNG per image and results.json (boxes in each file's pixels) to --output.")
+    predict.add_argument("weights", help="checkpoint file (.pth/.pkl)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders or glob patterns; KEY=VALUE items are config overrides")
+    predict.add_argument("--config", help="config for checkpoints that carry none (official ones)")
+    predict.add_argument("--output", default="outputs/predict", help="output folder (default: %(default)s)")
+    predict.add_argument("--score-threshold", type=float, default=0.3,
+                         help="drop detections below this score (default: %(default)s)")
+    predict.add_argument("--explain", action="store_true",
+                         help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
+                              "Sparse Query (<name>_explain.png)")
+    predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    predict.set_defaults(func=_cmd_predict)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: generate data, train a small detector, evaluate, report",
+        formatter_class=formatter,
+        description="Generates the embedded synthetic data set (COCO format), trains a small Sparse R-CNN "
+                    "(MobileNetV2-FPN) on it on the CPU for a few minutes, evaluates it on the held-out "
+                    "images and writes report.md with the AP table, a loss curve and annotated predictions.")
+    demo.add_argument("--output", default="outputs/demo", help="folder for data, checkpoints and report "
+                                                               "(default: %(default)s)")
+    demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
+    demo.add_argument("--device", help="cpu or cuda (default: cpu)")
     demo.set_defaults(func=_cmd_demo)
 
     convert = commands.add_parser(
-        "convert", help="convert an official checkpoint to sparsedet layout",
+        "convert", help="convert an official checkpoint to sparsedet layout", formatter_class=formatter,
         description="Maps every key of an official checkpoint (.pth state_dict or {'model': ...}, or "
                     "detectron2 .pkl) onto sparsedet's names, checks every shape, and writes a bare "
                     "state_dict that loads with torch.load(dst, weights_only=True).")
-    convert.add_argument("arch", choices=["sparse_rcnn"], help="architecture of the checkpoint")
+    convert.add_argument("arch", choices=sorted(CONVERTERS), help="architecture of the checkpoint")
     convert.add_argument("src", help="official checkpoint file")
     convert.add_argument("dst", help="output .pth file")
     convert.set_defaults(func=_cmd_convert)
@@ -73,14 +259,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "predict":
+        args.overrides, args.inputs = _split_overrides(args.inputs)
+        if not args.inputs:
+            parser.error("predict needs at least one image, folder or glob")
+    if args.command in ("train", "eval"):
+        overrides, stray = _split_overrides(args.overrides)
+        if stray:
+            parser.error(f"{args.command}: expected KEY=VALUE overrides, got {stray}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"sparsedet {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"sparsedet {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.command == "train":
+            from .engine.distributed import shutdown
+            shutdown()
 
 
 if __name__ == "__main__":

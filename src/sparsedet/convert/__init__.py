@@ -12,12 +12,14 @@ import os
 from typing import Callable, Mapping, Optional, Union
 
 from ..checkpoint import extract_state_dict, read_weights_file, save_atomic
-from . import sparse_rcnn
+from . import querydet, sparse_rcnn
 from .common import ConversionResult
 from .sparse_rcnn import infer_overrides, looks_official
 
 CONVERTERS: "dict[str, Callable[[Mapping, str], ConversionResult]]" = {
     "sparse_rcnn": sparse_rcnn.convert_state_dict,
+    "querydet": querydet.convert_querydet,
+    "retinanet": querydet.convert_retinanet,
 }
 
 
@@ -26,7 +28,7 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
     """Converts an official checkpoint to sparsedet layout.
 
     Args:
-        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``).
+        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``).
         src: a ``.pth`` (bare state_dict or ``{"model": state_dict, ...}``) or detectron2 ``.pkl``
             (numpy arrays) file, or an already-loaded dict of the same.
         dst: if given, the bare converted state_dict is written there atomically; it loads with
@@ -56,4 +58,16 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
     return result
 
 
-__all__ = ["CONVERTERS", "ConversionResult", "convert_checkpoint", "infer_overrides", "looks_official"]
+def official_architecture(state: Mapping[str, object]) -> Optional[str]:
+    """The converter name for an official (detectron2-layout) state_dict, or None when ``state``
+    is not in an official layout (e.g. already sparsedet's)."""
+    if not looks_official(state):
+        return None
+    if any(k.startswith(("det_head.", "query_head.")) for k in state):
+        return "querydet"
+    if any(k.startswith("head.cls_subnet.") for k in state):
+        return "retinanet"
+    return "sparse_rcnn"
+
+
+__all__ = ["CONVERTERS", "official_architecture", "ConversionResult", "convert_checkpoint", "infer_overrides", "looks_official"]

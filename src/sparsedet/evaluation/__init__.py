@@ -1,4 +1,4 @@
 """COCO-style evaluation."""
-from .coco import evaluate_detections, to_coco_results
+from .coco import STAT_NAMES, EvaluationResult, evaluate_detections, to_coco_results
 
-__all__ = ["evaluate_detections", "to_coco_results"]
+__all__ = ["STAT_NAMES", "EvaluationResult", "evaluate_detections", "to_coco_results"]

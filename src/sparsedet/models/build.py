@@ -7,11 +7,15 @@ from typing import Iterable, Mapping, Optional, Union
 from torch import nn
 
 from ..config import ConfigError, from_dict, load_config
+from .querydet import QueryDet, QueryDetConfig
+from .retinanet import RetinaNet, RetinaNetConfig
 from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
 
 # model.name -> (typed config, detector class)
 MODELS = {
     "sparse_rcnn": (SparseRCNNConfig, SparseRCNN),
+    "retinanet": (RetinaNetConfig, RetinaNet),
+    "querydet": (QueryDetConfig, QueryDet),
 }
 
 

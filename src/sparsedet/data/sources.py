@@ -1,0 +1,118 @@
+"""Building a dataset from a config section such as ``data.train`` or ``data.val``.
+
+Section formats (YAML)::
+
+    # COCO instances json
+    train:
+      format: coco
+      annotations: annotations/instances_train2017.json
+      images: train2017
+
+    # Pascal VOC xml (devkit layout shown; any images/annotations folder pair works)
+    train:
+      format: voc
+      images: VOC2007/JPEGImages
+      annotations: VOC2007/Annotations
+      split: VOC2007/ImageSets/Main/trainval.txt   # null: every xml file
+      classes: [aeroplane, bicycle, ...]            # null: the names found in the xml files, sorted
+      keep_difficult: false                         # false: difficult objects are ignore regions
+
+    # YOLO txt labels
+    train:
+      format: yolo
+      images: images/train
+      labels: labels/train
+      classes: data.yaml                            # list, names file, or data.yaml with `names`
+
+Every format also takes ``check_images: none | header | full`` (default ``header``): "none" trusts
+the annotations, "header" opens each image header (missing/unreadable files skipped, sizes and
+EXIF orientation checked), "full" decodes every image (finds truncated files; slow on big sets).
+
+Relative paths are resolved against ``root`` (the config's ``data.root``; None = the current
+directory).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .coco import read_coco
+from .records import DetectionDataset
+from .validation import CHECK_MODES
+from .voc import read_voc
+from .yolo import load_class_names, read_yolo
+
+# format -> (required keys, optional keys with defaults)
+_KEYS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "coco": (("annotations", "images"), {}),
+    "voc": (("images", "annotations"), {"split": None, "classes": None, "keep_difficult": False}),
+    "yolo": (("images", "labels", "classes"), {}),
+}
+
+
+def _resolve(value: Any, root: Optional[Path], key: str, must_be: str) -> Path:
+    """A config path resolved against ``root``, checked to exist ("file" or "dir")."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ValueError(f"{key}: expected a path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    exists = path.is_file() if must_be == "file" else path.is_dir()
+    if not exists:
+        raise FileNotFoundError(f"{key}: {must_be} not found: {path.resolve()}")
+    return path
+
+
+def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> DetectionDataset:
+    """Reads the dataset a config section describes (formats in the module docstring).
+
+    Args:
+        section: the mapping, e.g. ``config["data"]["train"]``.
+        root: folder relative paths are resolved against (None: the current directory).
+        name: the section's config path, e.g. "data.train", used in error messages.
+
+    Raises:
+        ValueError: unknown format, missing or unknown keys (names ``name.key``).
+        FileNotFoundError: a file or folder is missing (names ``name.key`` and the resolved path).
+    """
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{name}: expected a mapping with a 'format' key, got {section!r}")
+    fmt = section.get("format")
+    if fmt not in _KEYS:
+        raise ValueError(f"{name}.format: expected one of {', '.join(_KEYS)}, got {fmt!r}")
+    required, optional = _KEYS[fmt]
+    allowed = {"format", "check_images", *required, *optional}
+    for key in section:
+        if key not in allowed:
+            raise ValueError(f"{name}.{key}: unknown key for format {fmt} (expected {', '.join(sorted(allowed))})")
+    for key in required:
+        if section.get(key) is None:
+            raise ValueError(f"{name}.{key}: missing (required for format {fmt})")
+    options = dict(optional, **{k: v for k, v in section.items() if k in optional})
+    check = section.get("check_images", "header")
+    if check not in CHECK_MODES:
+        raise ValueError(f"{name}.check_images: expected one of {', '.join(CHECK_MODES)}, got {check!r}")
+    root = Path(root).expanduser() if root is not None else None
+
+    def path(key: str, must_be: str) -> Path:
+        return _resolve(section[key], root, f"{name}.{key}", must_be)
+
+    if fmt == "coco":
+        return read_coco(path("annotations", "file"), path("images", "dir"), check_images=check)
+    if fmt == "voc":
+        split = _resolve(options["split"], root, f"{name}.split", "file") if options["split"] is not None else None
+        classes = options["classes"]
+        if isinstance(classes, (str, Path)):
+            classes = load_class_names(_resolve(classes, root, f"{name}.classes", "file"))
+        elif classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{name}.classes: expected a list of names, a names file or null, got {classes!r}")
+        if not isinstance(options["keep_difficult"], bool):
+            raise ValueError(f"{name}.keep_difficult: expected true or false, got {options['keep_difficult']!r}")
+        return read_voc(path("images", "dir"), path("annotations", "dir"), split=split, class_names=classes,
+                        keep_difficult=options["keep_difficult"], check_images=check)
+    classes = section["classes"]
+    if isinstance(classes, (str, Path)):
+        classes = _resolve(classes, root, f"{name}.classes", "file")
+    elif not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{name}.classes: expected a list of names, a names file or a data.yaml, got {classes!r}")
+    return read_yolo(path("images", "dir"), path("labels", "dir"), classes, check_images=check)

@@ -1,0 +1,359 @@
+"""The config-driven training loop: one process or many (``torchrun``), CPU or GPU.
+
+One iteration = one optimizer step over ``solver.images_per_batch`` images in total (all
+processes, all accumulation micro-steps). What the loop does, in order, each iteration:
+``accumulate_steps`` forward/backward passes under optional AMP, a NaN/inf guard that skips the
+step (all processes together) and stops after ``solver.max_nonfinite_steps`` in a row, gradient
+clipping (``clip_grad_norm`` full-model L2 or ``clip_grad_value``), the optimizer and LR-schedule
+steps, logging, and at the configured periods evaluation and checkpointing.
+
+Output folder: ``last.pth`` (resumable), ``best.pth`` (highest val AP), ``config.yaml`` (resolved),
+``metrics.jsonl`` + ``tensorboard/``, ``train.log``, ``eval/`` results json per evaluation.
+
+Exact resume: checkpoints hold the model, optimizer, schedule, AMP scaler, iteration and every
+process's torch RNG state; the data order and each sample's augmentation are functions of
+(seed, iteration), so ``--resume`` continues with exactly the batches and losses an uninterrupted
+run would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import signal
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..checkpoint import save_atomic
+from ..config import ConfigError
+from ..data import TrainingBatchSampler, TransformedDataset, build_transforms, collate, read_dataset
+from ..evaluation import EvaluationResult
+from ..models import build_model
+from .distributed import DistributedContext, all_gather_objects, all_reduce_mean, any_process, init_distributed
+from .evaluate import evaluate_model
+from .metrics_log import MetricsLog
+from .optim import build_optimizer, warmup_multistep
+
+log = logging.getLogger("sparsedet.train")
+
+SOLVER_DEFAULTS = {
+    "images_per_batch": 16, "accumulate_steps": 1, "max_iter": 1000, "amp": False, "seed": 0,
+    "eval_period": 0, "checkpoint_period": 0, "log_period": 20, "max_nonfinite_steps": 5,
+    "clip_grad_norm": None, "clip_grad_value": None,
+}
+
+
+class Trainer:
+    """Trains the detector a config describes on the config's ``data.train`` set.
+
+    Args:
+        config: a resolved config dict (``sparsedet.load_config``) with ``model``, ``input``,
+            ``solver`` and ``data`` sections.
+        output_dir: where checkpoints, logs and metrics go.
+        resume: continue from ``output_dir/last.pth`` (``True``) or from a given checkpoint path.
+        device: ``cpu``/``cuda``; default CUDA when available.
+        progress: show a progress bar (main process only).
+    """
+
+    def __init__(self, config: Mapping, output_dir: str | Path, resume: bool | str | Path = False,
+                 device: Optional[str] = None, progress: bool = True):
+        self.config = copy.deepcopy(dict(config))
+        self.output_dir = Path(output_dir)
+        self.ctx: DistributedContext = init_distributed(device)
+        self.progress = progress and self.ctx.is_main
+        self.solver = {**SOLVER_DEFAULTS, **(self.config.get("solver") or {})}
+        self._check_solver()
+        self._stop_requested = False
+
+        data_cfg = self.config.get("data") or {}
+        if not data_cfg.get("train"):
+            raise ConfigError("the config has no data.train section: say what to train on, e.g. "
+                              "data.train={format: coco, annotations: train.json, images: train/}")
+        self.train_set = read_dataset(data_cfg["train"], data_cfg.get("root"), "data.train")
+        self.val_set = read_dataset(data_cfg["val"], data_cfg.get("root"), "data.val") if data_cfg.get("val") else None
+        if self.ctx.is_main:
+            log.info("data.train: %d images, %d classes\n%s", len(self.train_set.records),
+                     self.train_set.num_classes, self.train_set.report.summary())
+            if self.val_set is not None:
+                log.info("data.val: %d images\n%s", len(self.val_set.records), self.val_set.report.summary())
+        if (self.config.get("input") or {}).get("filter_empty_annotations"):
+            self.train_set = self.train_set.without_empty()
+        if not self.train_set.records:
+            raise ValueError(f"data.train ({self.train_set.source}) has no usable images")
+        self._record_classes()
+
+        torch.manual_seed(int(self.solver["seed"]))
+        self.model = build_model(self.config).to(self.ctx.device)
+        self.optimizer = build_optimizer(self.model, self.solver)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_multistep(self.solver))
+        self.amp_dtype = torch.float16 if self.ctx.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type,
+                                           enabled=bool(self.solver["amp"]) and self.ctx.device.type == "cuda")
+        self.iteration = 0
+        self.best_ap = -math.inf
+        resume_path = self._resume_path(resume)
+        if resume_path is not None:
+            self._load_checkpoint(resume_path)
+        # Per-process RNG (dropout etc.) differs by rank, like detectron2's seed + rank.
+        if resume_path is None:
+            torch.manual_seed(int(self.solver["seed"]) + self.ctx.rank)
+        # Some parameters legitimately get no gradient in a step (e.g. an FPN level no RoI was
+        # assigned to on small images), so DDP must look for unused ones.
+        self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.ctx.device.index]
+                                                  if self.ctx.device.type == "cuda" else None,
+                                                  find_unused_parameters=True)
+                          if self.ctx.enabled else self.model)
+        self.metrics = MetricsLog(self.output_dir, enabled=self.ctx.is_main,
+                                  resume_iteration=self.iteration if resume_path is not None else None)
+        if self.ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _check_solver(self) -> None:
+        s = self.solver
+        per_step = int(s["images_per_batch"])
+        accumulate = int(s["accumulate_steps"])
+        if accumulate < 1 or per_step % (accumulate * self.ctx.world_size):
+            raise ConfigError(
+                f"solver.images_per_batch ({per_step}) must be divisible by solver.accumulate_steps "
+                f"({accumulate}) x the number of processes ({self.ctx.world_size})")
+        if int(s["max_iter"]) < 1:
+            raise ConfigError(f"solver.max_iter must be >= 1, got {s['max_iter']}")
+
+    def _record_classes(self) -> None:
+        """The model predicts the training set's classes; their names travel in the saved config."""
+        model_cfg = self.config.setdefault("model", {})
+        configured = model_cfg.get("num_classes")
+        if configured is not None and configured != self.train_set.num_classes and self.ctx.is_main:
+            log.info("model.num_classes: %s in the config, %d in data.train: using %d",
+                     configured, self.train_set.num_classes, self.train_set.num_classes)
+        model_cfg["num_classes"] = self.train_set.num_classes
+        data_cfg = self.config.setdefault("data", {})
+        data_cfg["class_names"] = list(self.train_set.class_names)
+        data_cfg["category_ids"] = [int(c) for c in self.train_set.category_ids]
+
+    def _resume_path(self, resume) -> Optional[Path]:
+        if not resume:
+            return None
+        path = self.output_dir / "last.pth" if resume is True else Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+        return path
+
+    def _train_loader(self) -> DataLoader:
+        s = self.solver
+        micro_batch = int(s["images_per_batch"]) // int(s["accumulate_steps"])
+        data_cfg = self.config.get("data") or {}
+        sampler = TrainingBatchSampler(
+            [r.width / r.height for r in self.train_set.records], micro_batch, seed=int(s["seed"]),
+            rank=self.ctx.rank, world_size=self.ctx.world_size,
+            group_by_aspect_ratio=bool(data_cfg.get("aspect_ratio_grouping", True)),
+            start_iteration=self.iteration * int(s["accumulate_steps"]))
+        workers = int(data_cfg.get("num_workers", 2))
+        dataset = TransformedDataset(self.train_set, build_transforms(self.config.get("input") or {}, train=True))
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                          persistent_workers=workers > 0, pin_memory=self.ctx.device.type == "cuda")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict:
+        rng_states = all_gather_objects(torch.get_rng_state())
+        cuda_states = all_gather_objects(torch.cuda.get_rng_state() if self.ctx.device.type == "cuda" else None)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration, "best_ap": self.best_ap, "config": self.config,
+            "rng": rng_states, "cuda_rng": cuda_states, "world_size": self.ctx.world_size,
+        }
+
+    def save_checkpoint(self, name: str = "last.pth") -> Optional[Path]:
+        """Writes ``name`` atomically (temporary file, then rename). Collective: call on every process."""
+        state = self._checkpoint_state()
+        if not self.ctx.is_main:
+            return None
+        return save_atomic(state, self.output_dir / name)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in state]
+        if missing:
+            raise ValueError(f"{path}: not a sparsedet training checkpoint (no {missing}); "
+                             "to start from weights only, set model.weights instead of --resume")
+        saved_model = (state.get("config") or {}).get("model")
+        if saved_model is not None and saved_model != self.config.get("model") and self.ctx.is_main:
+            log.warning("%s was trained with another model section than the current config; "
+                        "loading its weights into the current model", path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state.get("scaler") or {})
+        self.iteration = int(state["iteration"])
+        self.best_ap = float(state.get("best_ap", -math.inf))
+        rng = state.get("rng") or []
+        if len(rng) == self.ctx.world_size:
+            torch.set_rng_state(rng[self.ctx.rank])
+            cuda_rng = (state.get("cuda_rng") or [None] * len(rng))[self.ctx.rank]
+            if cuda_rng is not None and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
+        elif self.ctx.is_main:
+            log.warning("%s was written by %d processes, this run has %d: data order is kept, "
+                        "but random state is re-seeded", path, len(rng), self.ctx.world_size)
+        if self.ctx.is_main:
+            log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------ the loop
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        if self.ctx.is_main:
+            tqdm.write("interrupt: finishing this step and saving last.pth (press Ctrl-C again to abort)")
+
+    def train(self) -> Optional[EvaluationResult]:
+        """Runs until ``solver.max_iter``; returns the final evaluation (None without data.val)."""
+        s = self.solver
+        max_iter, accumulate = int(s["max_iter"]), int(s["accumulate_steps"])
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
+        batches = iter(self._train_loader()) if self.iteration < max_iter else iter(())
+        bar = tqdm(total=max_iter, initial=self.iteration, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        nonfinite_in_a_row = 0
+        result = None
+        self.model.train()
+        try:
+            while self.iteration < max_iter:
+                start = time.perf_counter()
+                losses, finite = self._step(batches, accumulate)
+                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+                if not finite:
+                    log.warning("iteration %d: non-finite loss %s, step skipped (%d in a row)",
+                                self.iteration, {k: round(v, 4) for k, v in losses.items()}, nonfinite_in_a_row)
+                    if nonfinite_in_a_row >= int(s["max_nonfinite_steps"]):
+                        raise FloatingPointError(
+                            f"the loss was NaN/inf in {nonfinite_in_a_row} consecutive iterations (last at "
+                            f"{self.iteration}): training diverged. Lower solver.base_lr (now {s.get('base_lr')}), "
+                            "set solver.clip_grad_norm, or disable solver.amp; last.pth holds the last good state.")
+                self.iteration += 1
+                step_time = time.perf_counter() - start
+                if finite:
+                    total = sum(losses.values())
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    if self.iteration % int(s["log_period"]) == 0 or self.iteration in (1, max_iter):
+                        self.metrics.write("train", self.iteration, {
+                            "total_loss": total, "lr": self.scheduler.get_last_lr()[0], "time": step_time, **losses})
+                bar.update(1)
+                at_end = self.iteration == max_iter
+                if self._due("eval_period") or (at_end and self.val_set is not None):
+                    result = self.evaluate()
+                if self._due("checkpoint_period") or at_end:
+                    self.save_checkpoint()
+                if any_process(self._stop_requested, self.ctx.device):
+                    self.save_checkpoint()
+                    if self.ctx.is_main:
+                        log.info("stopped at iteration %d; continue with --resume", self.iteration)
+                    break
+        except KeyboardInterrupt:
+            if self.ctx.is_main:
+                log.warning("aborted at iteration %d without saving; last.pth holds the last saved state",
+                            self.iteration)
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        return result
+
+    def _due(self, key: str) -> bool:
+        period = int(self.solver.get(key) or 0)
+        return period > 0 and self.iteration % period == 0
+
+    def _step(self, batches, accumulate: int) -> tuple[dict[str, float], bool]:
+        """One optimizer step over ``accumulate`` micro-batches. Returns the process-averaged losses
+        and whether they were finite on every process (if not, the step is skipped everywhere)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        summed: dict[str, float] = {}
+        all_finite = True
+        amp = bool(self.solver["amp"])
+        for micro in range(accumulate):
+            images, targets = next(batches)
+            images = [img.to(self.ctx.device, non_blocking=True) for img in images]
+            targets = [{k: (v.to(self.ctx.device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                       for t in targets]
+            # Gradients are synchronised across processes only on the last micro-batch.
+            sync = (self.ddp_model.no_sync() if self.ctx.enabled and micro < accumulate - 1 else nullcontext())
+            with sync:
+                try:
+                    with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=amp):
+                        loss_dict = self.ddp_model(images, targets)
+                    total = sum(loss_dict.values())
+                    finite = bool(torch.isfinite(total).item())
+                except FloatingPointError as err:  # e.g. the matcher refusing NaN boxes
+                    log.warning("iteration %d: %s", self.iteration, err)
+                    loss_dict, finite = {}, False
+                finite = not any_process(not finite, self.ctx.device)
+                all_finite &= finite
+                if finite:
+                    self.scaler.scale(total / accumulate).backward()
+                else:
+                    # A zero loss over every parameter keeps the processes' gradient reductions in
+                    # step; the gradients are discarded below.
+                    sum(p.sum() for p in self.model.parameters() if p.requires_grad).mul(0.0).backward()
+            for key, value in loss_dict.items():
+                summed[key] = summed.get(key, 0.0) + float(value.detach()) / accumulate
+        if not all_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+            return summed, False
+        self.scaler.unscale_(self.optimizer)
+        if self.solver["clip_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.solver["clip_grad_norm"]))
+        if self.solver["clip_grad_value"]:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), float(self.solver["clip_grad_value"]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return all_reduce_mean(summed, self.ctx.device), True
+
+    def evaluate(self) -> Optional[EvaluationResult]:
+        """COCO AP on ``data.val``; keeps ``best.pth``. Collective: call on every process."""
+        if self.val_set is None:
+            return None
+        results_path = self.output_dir / "eval" / f"results_{self.iteration:07d}.json" if self.ctx.is_main else None
+        result = evaluate_model(self.model, self.val_set, self.config, results_path=results_path,
+                                progress=self.progress)
+        self.model.train()
+        self.metrics.write("eval", self.iteration, {k: v for k, v in result.stats.items()})
+        if self.ctx.is_main:
+            tqdm.write(f"iteration {self.iteration}: evaluation on data.val\n{result.table()}")
+        if result.stats["AP"] > self.best_ap:
+            self.best_ap = result.stats["AP"]
+            self.save_checkpoint("best.pth")
+        return result
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (for scripts and tests that build their own loops)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)

@@ -1,0 +1,495 @@
+"""Submanifold sparse convolution in pure PyTorch, for running dense conv towers on a few sites.
+
+Cascade Sparse Query (QueryDet, ``sparsedet.models.csq``) evaluates the detection heads of the
+high-resolution FPN levels only around the positions a coarser level queried. This module holds the
+machinery that makes that possible with the *dense* heads' own weights:
+
+* :func:`query_children` maps query positions at level l+1 to their 2x2 children at level l.
+* :func:`build_active_set` takes the union of context windows around the children (clipped to the
+  map, de-duplicated per image, any batch size) and builds the neighbour table once.
+* :func:`submanifold_conv` is one 3x3 (or 1x1) convolution restricted to the active set: sites
+  outside it read as zero and get no output. One gather + one matmul per layer (chunked).
+* :func:`sparse_tower` runs a whole :class:`~sparsedet.layers.conv_tower.ConvTower` that way:
+  the trunk on every active site, the predictors only on the requested rows (the children).
+* :func:`masked_dense_tower` is the slow reference used by the tests: dense conv2d on a map that is
+  zero outside the active set, re-masked after every layer.
+* :func:`rulebook_conv` is the per-tap scatter-add formulation (what spconv's "native" algorithm
+  does); same result, a cross-check for the gather path.
+* An optional spconv backend (:class:`SpconvTower`) when ``spconv`` is importable; it checks its
+  weight layout against the pure path at first use and falls back to it when they disagree.
+
+Conventions. A site is a (batch, y, x) triple of one level; active sets are stored as ``indices``
+(N, 3) int64 rows in row-major order (batch, then y, then x). Features of the active set are a
+(N, C) matrix whose row i belongs to ``indices[i]``. Convolutions follow PyTorch's cross-correlation
+orientation (kernel tap (ky, kx) reads input (y + ky - 1, x + kx - 1)), stride 1, zero padding.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = [
+    "ActiveSet", "query_children", "build_active_set", "submanifold_conv", "rulebook_conv",
+    "gather_sites", "sparse_tower", "masked_dense_tower", "spconv_available", "SpconvTower",
+]
+
+# 3x3 taps in the order of the neighbour table's columns: ky-major, kx-minor (tap t = ky*3 + kx,
+# offset (dy, dx) = (ky - 1, kx - 1)); the matmul weight is laid out the same way.
+_TAPS = [(ky - 1, kx - 1) for ky in range(3) for kx in range(3)]
+_CENTER_TAP = 4
+
+# Child offsets (i, j) of a query at level l+1: child (2y + i, 2x + j). The official code emits
+# the (0,0) children of all queries, then all (0,1), then (1,0), then (1,1); we keep that order.
+_CHILD_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+DEFAULT_CHUNK_ROWS = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# active sets
+
+
+@dataclass
+class ActiveSet:
+    """The sites a submanifold convolution is evaluated on, with their 3x3 neighbour table.
+
+    Attributes:
+        indices: (N, 3) int64 (batch, y, x) of every active site, row-major sorted and unique.
+        neighbors: (N, 9) int64; column t = ky*3 + kx holds the row of site (y + ky - 1, x + kx - 1)
+            of the same image, or the sentinel N (a zero row appended to the features) when that
+            site is outside the map or not active.
+        child_rows: (n,) int64 rows (into ``indices``) of the sites whose outputs are wanted, in the
+            order they were given (the children of the queries); empty when none were given.
+        shape: (B, H, W) of the level's map.
+    """
+
+    indices: Tensor
+    neighbors: Tensor
+    child_rows: Tensor
+    shape: tuple[int, int, int]
+
+    @property
+    def num_active(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def num_positions(self) -> int:
+        b, h, w = self.shape
+        return b * h * w
+
+    def mask(self) -> Tensor:
+        """(B, H, W) bool map of the active sites."""
+        out = torch.zeros(self.shape, dtype=torch.bool, device=self.indices.device)
+        out[self.indices[:, 0], self.indices[:, 1], self.indices[:, 2]] = True
+        return out
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, children: Optional[Tensor] = None) -> "ActiveSet":
+        """Active set = the True sites of a (B, H, W) bool ``mask``; ``children`` (n, 3) must be
+        active sites (their rows become ``child_rows``)."""
+        if mask.dim() != 3 or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        return _from_linear(mask.flatten().nonzero().squeeze(1), tuple(mask.shape), children)
+
+
+def query_children(parents: Tensor, shape: Sequence[int]) -> Tensor:
+    """The 2x2 children at level l of query positions at level l+1.
+
+    Args:
+        parents: (n, 3) int64 (batch, y, x) at level l+1.
+        shape: (B, H, W) of level l. Children outside it (possible only when level l is not exactly
+            twice the size of level l+1, i.e. inputs not padded to the largest stride) are dropped.
+
+    Returns:
+        (m, 3) int64 (batch, 2y + i, 2x + j), m <= 4n, in the official order: child (0, 0) of every
+        parent (in the parents' order), then every (0, 1), then (1, 0), then (1, 1). Children of
+        different parents never coincide, so no de-duplication is needed.
+    """
+    _check_sites(parents, "parents")
+    _, h, w = shape
+    offsets = torch.tensor([(0, i, j) for i, j in _CHILD_OFFSETS], dtype=torch.long, device=parents.device)
+    scale = torch.tensor([1, 2, 2], dtype=torch.long, device=parents.device)
+    children = (parents * scale).unsqueeze(0) + offsets.unsqueeze(1)          # (4, n, 3)
+    children = children.reshape(-1, 3)
+    inside = (children[:, 1] < h) & (children[:, 2] < w)
+    return children if bool(inside.all()) else children[inside]
+
+
+def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5) -> ActiveSet:
+    """Union of ``context`` x ``context`` windows around each child, clipped to the map.
+
+    Args:
+        children: (n, 3) int64 (batch, y, x) sites whose outputs are wanted (in the map, unique).
+        shape: (B, H, W) of the level.
+        context: odd window side (QueryDet: 5; 1 = the children only).
+
+    Returns:
+        An :class:`ActiveSet` whose ``child_rows[k]`` is the row of ``children[k]``.
+
+    De-duplication scatters the window sites' linear indices b*H*W + y*W + x into a boolean map and
+    reads it back with ``nonzero``: O(n * context^2 + B*H*W) with small constants, no sort, and the
+    result comes out row-major sorted (which keeps gathers from the feature map cache-friendly).
+    """
+    _check_sites(children, "children")
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"context must be an odd window side >= 1, got {context}")
+    b, h, w = (int(s) for s in shape)
+    device = children.device
+    r = context // 2
+    d = torch.arange(-r, r + 1, device=device)
+    dy = d.repeat_interleave(context)                   # window offsets, row-major
+    dx = d.repeat(context)
+    ys = children[:, 1:2] + dy                          # (n, context^2)
+    xs = children[:, 2:3] + dx
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    linear = (children[:, 0:1] * h + ys) * w + xs
+    hit = torch.zeros(b * h * w, dtype=torch.bool, device=device)
+    hit[linear[inside]] = True
+    return _from_linear(hit.nonzero().squeeze(1), (b, h, w), children)
+
+
+def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor]) -> ActiveSet:
+    """ActiveSet from sorted unique linear site indices b*H*W + y*W + x."""
+    b, h, w = shape
+    device = linear.device
+    n = linear.numel()
+    bi = torch.div(linear, h * w, rounding_mode="floor")
+    rem = linear - bi * (h * w)
+    y = torch.div(rem, w, rounding_mode="floor")
+    x = rem - y * w
+    indices = torch.stack([bi, y, x], dim=1)
+    # Row lookup table padded by one site on every side and pre-filled with the sentinel n: a tap
+    # reading outside the map lands in the border and needs no bounds test.
+    hp, wp = h + 2, w + 2
+    lut = torch.full((b * hp * wp,), n, dtype=torch.long, device=device)
+    base = (bi * hp + y + 1) * wp + x + 1
+    lut[base] = torch.arange(n, device=device)
+    taps = torch.tensor([dy * wp + dx for dy, dx in _TAPS], dtype=torch.long, device=device)
+    neighbors = lut[base.unsqueeze(1) + taps]
+    if children is None or children.numel() == 0:
+        child_rows = torch.zeros(0, dtype=torch.long, device=device)
+    else:
+        child_rows = lut[(children[:, 0] * hp + children[:, 1] + 1) * wp + children[:, 2] + 1]
+        if bool((child_rows == n).any()):
+            raise ValueError("some children are not active sites (or lie outside the map)")
+    return ActiveSet(indices, neighbors, child_rows, (b, h, w))
+
+
+def _check_sites(sites: Tensor, name: str) -> None:
+    if sites.dim() != 2 or sites.shape[1] != 3 or sites.dtype != torch.long:
+        raise ValueError(f"{name} must be an (n, 3) int64 tensor of (batch, y, x), "
+                         f"got {tuple(sites.shape)} {sites.dtype}")
+
+
+def gather_sites(features: Tensor, indices: Tensor) -> Tensor:
+    """(B, C, H, W) map, (N, 3) sites -> (N, C) feature rows."""
+    return features.permute(0, 2, 3, 1)[indices[:, 0], indices[:, 1], indices[:, 2]]
+
+
+# --------------------------------------------------------------------------------------------
+# convolution on an active set
+
+
+def _check_conv(conv: nn.Module) -> int:
+    """Kernel size of a conv the sparse path can reproduce exactly; raises otherwise."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"sparse towers need nn.Conv2d layers, got {type(conv).__name__}")
+    k = conv.kernel_size
+    if k not in ((1, 1), (3, 3)) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
+            or conv.padding != (k[0] // 2, k[1] // 2) or conv.padding_mode != "zeros":
+        raise ValueError(f"submanifold conv supports 1x1/3x3, stride 1, 'same' zero padding, dilation 1, "
+                         f"groups 1 only; got {conv}")
+    return k[0]
+
+
+# Matmul layouts of conv weights, cached per weight tensor: (version, device, dtype, inference) -> W.
+# Re-laying out all weights of three towers costs ~35 MB of copies per level at 256 channels.
+# Keyed by tensor identity (a plain WeakKeyDictionary would compare tensors with ==).
+_WEIGHT_CACHE = WeakIdKeyDictionary()
+
+
+def _matmul_weight(weight: Tensor) -> Tensor:
+    """(C_out, C_in, k, k) -> (k*k*C_in, C_out), rows ordered (ky, kx, C_in) like the gathered taps."""
+    grad = torch.is_grad_enabled() and weight.requires_grad
+    if grad or weight.is_inference():
+        # Training-time use keeps the graph; inference tensors (modules built under
+        # inference_mode) have no version counter to tell when a cached copy went stale.
+        return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
+    key = (weight._version, torch.is_inference_mode_enabled())
+    hit = _WEIGHT_CACHE.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w = weight.detach().permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+    _WEIGHT_CACHE[weight] = (key, w)
+    return w
+
+
+def submanifold_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     rows: Optional[Tensor] = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """One submanifold convolution on an active set (gather + matmul).
+
+    out(s) = bias + sum over taps (ky, kx) of W[:, :, ky, kx] @ x(y + ky - 1, x + kx - 1), where
+    neighbours outside the active set (or the map) count as zero; outputs exist only on active sites.
+
+    Args:
+        x: (N, C_in) features of the active sites.
+        neighbors: (N, 9) neighbour table of the active set (sentinel N = missing).
+        weight: (C_out, C_in, k, k) dense conv weight, k in {1, 3}; bias: (C_out,) or None.
+        rows: rows to evaluate (default all N); e.g. only the children for a predictor.
+        chunk_rows: rows per gather/matmul, bounding the (rows, 9*C_in) gather buffer.
+
+    Returns:
+        (len(rows) or N, C_out).
+    """
+    n, c_in = x.shape
+    k = weight.shape[-1]
+    if weight.shape[1] != c_in:
+        raise ValueError(f"weight expects {weight.shape[1]} input channels, features have {c_in}")
+    w = _matmul_weight(weight)
+    if k == 1:
+        src = x if rows is None else x.index_select(0, rows)
+        return torch.addmm(bias, src, w) if bias is not None else src @ w
+    if k != 3:
+        raise ValueError(f"kernel size {k} is not supported (1 or 3)")
+    nbr = neighbors if rows is None else neighbors.index_select(0, rows)
+    m = nbr.shape[0]
+    # Sentinel row N reads as zero: out-of-set neighbours contribute nothing.
+    xp = torch.cat([x, x.new_zeros(1, c_in)])
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if m <= chunk_rows or grad:
+        g = xp.index_select(0, nbr.reshape(-1)).view(m, 9 * c_in)
+        return torch.addmm(bias, g, w) if bias is not None else g @ w
+    out = x.new_empty(m, w.shape[1])
+    for start in range(0, m, chunk_rows):
+        part = nbr[start:start + chunk_rows]
+        g = xp.index_select(0, part.reshape(-1)).view(part.shape[0], 9 * c_in)
+        if bias is not None:
+            torch.addmm(bias, g, w, out=out[start:start + part.shape[0]])
+        else:
+            torch.mm(g, w, out=out[start:start + part.shape[0]])
+    return out
+
+
+def rulebook_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  rows: Optional[Tensor] = None) -> Tensor:
+    """Same result as :func:`submanifold_conv`, computed tap by tap with a scatter-add.
+
+    For each of the 9 taps: the (in_row, out_row) pairs where both sites are active, then
+    ``out.index_add_(0, out_row, x[in_row] @ W[:, :, ky, kx].T)``. Uses less memory than the gather
+    (no 9*C_in buffer) but 9 smaller matmuls; mainly a cross-check of the gather path.
+    """
+    n, c_in = x.shape
+    k = weight.shape[-1]
+    nbr = neighbors if rows is None else neighbors.index_select(0, rows)
+    m = nbr.shape[0]
+    out = x.new_zeros(m, weight.shape[0])
+    taps = [(_CENTER_TAP, 0, 0)] if k == 1 else [(t, t // 3, t % 3) for t in range(9)]
+    for t, ky, kx in taps:
+        src = nbr[:, t]
+        valid = (src < n).nonzero().squeeze(1)
+        if valid.numel() == 0:
+            continue
+        out.index_add_(0, valid, x.index_select(0, src[valid]) @ weight[:, :, ky, kx].t())
+    if bias is not None:
+        out += bias
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# whole towers
+
+
+def sparse_tower(tower: nn.Module, x: Tensor, active: ActiveSet, rows: Optional[Tensor] = None,
+                 impl: str = "gather", chunk_rows: int = DEFAULT_CHUNK_ROWS, prune: bool = True) -> list[Tensor]:
+    """Runs a :class:`ConvTower` (``.subnet`` 3x3 convs + ReLU, ``.predictors``) on an active set.
+
+    Args:
+        tower: any module with ``subnet`` and ``predictors`` lists of ``nn.Conv2d`` (its dense weights
+            are used as they are).
+        x: (N, C_in) input features of the active sites (e.g. :func:`gather_sites` of the FPN map).
+        active: the active set (fixed for every layer: submanifold semantics).
+        rows: rows at which the predictors are evaluated (default ``active.child_rows``); the trunk
+            runs on every active row because the predictors read the children's neighbours.
+        impl: ``gather`` (default, one matmul per layer) or ``rulebook`` (per-tap scatter-add).
+        prune: skip trunk rows that no later layer reads (exact; see :func:`_needed_rows`).
+
+    Returns:
+        One (len(rows), C_i) tensor per predictor.
+    """
+    if impl == "gather":
+        def conv(inp, layer, r=None):
+            return submanifold_conv(inp, active.neighbors, layer.weight, layer.bias, r, chunk_rows)
+    elif impl == "rulebook":
+        def conv(inp, layer, r=None):
+            return rulebook_conv(inp, active.neighbors, layer.weight, layer.bias, r)
+    else:
+        raise ValueError(f"impl must be 'gather' or 'rulebook', got {impl!r}")
+    if x.shape[0] != active.num_active:
+        raise ValueError(f"features have {x.shape[0]} rows, the active set {active.num_active}")
+    for layer in list(tower.subnet) + list(tower.predictors):
+        _check_conv(layer)
+    rows = active.child_rows if rows is None else rows
+    if rows.numel() == 0:
+        return [x.new_zeros(0, p.out_channels) for p in tower.predictors]
+    needed = _needed_rows(active, rows, tower) if prune else [None] * len(tower.subnet)
+    for layer, need in zip(tower.subnet, needed):
+        if need is None:
+            x = conv(x, layer).relu_()
+        else:
+            # Rows no later layer reads stay zero: they are never gathered (see _needed_rows).
+            y = x.new_zeros(x.shape[0], layer.out_channels)
+            y[need] = conv(x, layer, need).relu_()
+            x = y
+    return [conv(x, p, rows) for p in tower.predictors]
+
+
+def _needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Optional[Tensor]]:
+    """Per trunk layer, the active rows whose output a later layer actually reads (None = all).
+
+    Working backwards from the predictor rows: a 3x3 layer needs its input on the active 3x3
+    neighbours of the rows it computes, a 1x1 layer on the same rows. With QueryDet's 5x5 context
+    (radius 2) and five 3x3 layers, only the last trunk layer shrinks (to the radius-1 ring around the
+    children: 16 of 36 sites for an isolated query); with an exact 11x11 context every layer shrinks.
+    Submanifold outputs at the skipped rows would never be read, so the result is unchanged.
+    """
+    n = active.num_active
+    needed: list[Optional[Tensor]] = []
+    need = rows
+    kernels = [_check_conv(p) for p in tower.predictors]
+    k_next = max(kernels)
+    for layer in reversed(list(tower.subnet)):
+        if k_next == 3:
+            hit = torch.zeros(n + 1, dtype=torch.bool, device=rows.device)
+            hit[active.neighbors.index_select(0, need).reshape(-1)] = True
+            hit = hit[:n]
+            need = hit.nonzero().squeeze(1)
+        else:
+            need = need.unique()
+        if need.numel() == n:   # every row is read from here on down: no pruning
+            needed.extend([None] * (len(tower.subnet) - len(needed)))
+            break
+        needed.append(need)
+        k_next = _check_conv(layer)
+    return needed[::-1]
+
+
+def masked_dense_tower(tower: nn.Module, features: Tensor, mask: Tensor) -> list[Tensor]:
+    """Slow reference of :func:`sparse_tower`: dense convs on a map zeroed outside ``mask``.
+
+    Args:
+        features: (B, C, H, W); mask: (B, H, W) bool active sites.
+
+    Returns:
+        One (B, C_i, H, W) map per predictor, zero outside the mask. After every layer the output is
+        re-masked, which is exactly the submanifold semantics (inactive sites are zero at every
+        layer, bias only on active sites).
+    """
+    m = mask.unsqueeze(1).to(features.dtype)
+    x = features * m
+    for conv in tower.subnet:
+        x = conv(x).relu() * m
+    return [p(x) * m for p in tower.predictors]
+
+
+# --------------------------------------------------------------------------------------------
+# optional spconv backend
+
+
+def spconv_available() -> bool:
+    """True when ``spconv.pytorch`` can be imported (it is an optional dependency)."""
+    if importlib.util.find_spec("spconv") is None:
+        return False
+    try:
+        import spconv.pytorch  # noqa: F401
+    except Exception:  # broken CUDA build, ABI mismatch, ...: treat as absent
+        return False
+    return True
+
+
+class SpconvTower:
+    """A ConvTower evaluated with spconv ``SubMConv2d`` layers (optional backend).
+
+    spconv versions disagree on the weight layout ((C_out, k, k, C_in) in >= 2.2; (k, k, C_in, C_out)
+    in 1.x / 2.1 with SPCONV_FILTER_HWIO=1; (k, k, C_out, C_in) in 2.0/2.1 by default). At first use
+    every layout that fits the layer's weight shape is tried on random data and compared with the
+    pure-PyTorch path; the first that agrees (atol 1e-4 relative to the output scale) is kept. If none
+    does, or spconv raises, a warning is issued and the pure path is used from then on (``.ok`` False).
+
+    Call it like :func:`sparse_tower`: ``SpconvTower(tower)(x, active, rows)``. It is not required to
+    be faster than the pure path; it exists for users whose GPU stack already has a tuned spconv.
+    """
+
+    _LAYOUTS = {
+        "KRSC": (0, 2, 3, 1),   # (C_out, kh, kw, C_in)
+        "RSCK": (2, 3, 1, 0),   # (kh, kw, C_in, C_out)
+        "RSKC": (2, 3, 0, 1),   # (kh, kw, C_out, C_in)
+    }
+
+    def __init__(self, tower: nn.Module):
+        self.tower = tower
+        self.layout: Optional[str] = None
+        self.ok: Optional[bool] = None if spconv_available() else False
+
+    def _build(self, layout: str, device, dtype):
+        import spconv.pytorch as spconv
+        layers = []
+        convs = list(self.tower.subnet) + list(self.tower.predictors)
+        for conv in convs:
+            k = _check_conv(conv)
+            sub = spconv.SubMConv2d(conv.in_channels, conv.out_channels, k, stride=1, padding=k // 2,
+                                    bias=conv.bias is not None, indice_key="csq")
+            perm = self._LAYOUTS[layout]
+            w = conv.weight.detach().permute(*perm).contiguous()   # spconv asserts contiguity (#56)
+            if tuple(sub.weight.shape) != tuple(w.shape):
+                raise ValueError(f"layout {layout} gives {tuple(w.shape)}, spconv wants {tuple(sub.weight.shape)}")
+            sub.weight.data = w
+            if conv.bias is not None:
+                sub.bias.data = conv.bias.detach().clone()
+            layers.append(sub.to(device=device, dtype=dtype))
+        return layers
+
+    def _run(self, layers, x: Tensor, active: ActiveSet, rows: Tensor) -> list[Tensor]:
+        import spconv.pytorch as spconv
+        b, h, w = active.shape
+        st = spconv.SparseConvTensor(x, active.indices.int().contiguous(), [h, w], b)
+        n_trunk = len(self.tower.subnet)
+        for layer in layers[:n_trunk]:
+            st = layer(st)
+            st = st.replace_feature(torch.relu(st.features))
+        outs = []
+        for layer in layers[n_trunk:]:
+            # spconv keeps the input's row order for submanifold convs; read the requested rows.
+            outs.append(layer(st).features.index_select(0, rows))
+        return outs
+
+    def _calibrate(self, x: Tensor, active: ActiveSet, rows: Tensor) -> None:
+        reference = sparse_tower(self.tower, x, active, rows)
+        for layout in self._LAYOUTS:
+            try:
+                layers = self._build(layout, x.device, x.dtype)
+                got = self._run(layers, x, active, rows)
+            except Exception:
+                continue
+            if all(torch.allclose(g, r, atol=1e-4 * max(1.0, float(r.abs().max())), rtol=1e-4)
+                   for g, r in zip(got, reference)):
+                self.layout, self.layers, self.ok = layout, layers, True
+                return
+        warnings.warn("spconv is installed but no weight layout reproduces the pure-PyTorch sparse "
+                      "convolution; using the pure-PyTorch path", RuntimeWarning, stacklevel=3)
+        self.ok = False
+
+    def __call__(self, x: Tensor, active: ActiveSet, rows: Optional[Tensor] = None) -> list[Tensor]:
+        rows = active.child_rows if rows is None else rows
+        if self.ok is None and rows.numel() > 0:
+            self._calibrate(x, active, rows)
+        if not self.ok or rows.numel() == 0:
+            return sparse_tower(self.tower, x, active, rows)
+        return self._run(self.layers, x, active, rows)

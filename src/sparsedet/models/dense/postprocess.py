@@ -1,0 +1,86 @@
+"""Inference post-processing of anchor-based dense detectors (spec §1.6, §3.5).
+
+The unit of work is a *level*: ``(logits (R, K), deltas (R, 4), anchors (R, 4))`` for one image,
+R = number of anchor rows. A dense level has R = H * W * A; a Cascade Sparse Query level holds only
+the anchors of its queried positions (R = n * A). Both go through the same code:
+
+1. ``level_candidates``: sigmoid, keep the top min(topk, R) (anchor, class) scores, drop those
+   ``<= score_threshold``, decode their boxes;
+2. ``merge_detections``: concatenate all levels, one class-aware NMS, keep ``max_detections``;
+3. rescale to the original image size, clip, drop empty boxes.
+
+Everything runs in fp32, whatever the head's dtype under autocast.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from ...layers.box_coder import BoxCoder
+from ..preprocess import rescale_boxes
+
+
+class LevelOutputs(NamedTuple):
+    """One image's head outputs on one level (dense or sparse), rows ordered position-major."""
+
+    logits: Tensor   # (R, K)
+    deltas: Tensor   # (R, 4)
+    anchors: Tensor  # (R, 4) xyxy
+
+
+class Candidates(NamedTuple):
+    boxes: Tensor    # (n, 4) xyxy, fp32
+    scores: Tensor   # (n,)
+    labels: Tensor   # (n,) int64
+
+
+def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: int,
+                     score_threshold: float) -> Candidates:
+    """Per-level selection (spec §1.6 steps 1-4).
+
+    The cap is ``min(topk_candidates, R)`` with R the number of anchor rows (not R * K): this is
+    detectron2 0.4's rule, which the official QueryDet numbers were produced with.
+    """
+    logits, deltas, anchors = level
+    num_rows, num_classes = logits.shape
+    scores = logits.float().sigmoid().flatten()
+    num_topk = min(int(topk_candidates), num_rows)
+    scores, flat_index = scores.topk(num_topk)  # sorted, descending
+    keep = scores > score_threshold
+    scores, flat_index = scores[keep], flat_index[keep]
+    rows = torch.div(flat_index, num_classes, rounding_mode="floor")
+    labels = flat_index % num_classes
+    boxes = box_coder.decode(deltas[rows].float(), anchors[rows].float())
+    return Candidates(boxes, scores, labels)
+
+
+def merge_detections(candidates: Sequence[Candidates], nms_threshold: float, max_detections: int,
+                     image_size: tuple[int, int], original_size: Optional[tuple[int, int]] = None) -> dict:
+    """All levels' candidates of one image -> ``{"boxes" (K, 4), "scores" (K,), "labels" (K,)}``.
+
+    One class-aware NMS over all levels (torchvision ``batched_nms``), keep the ``max_detections``
+    best, map from the network input's ``image_size`` (H, W) to ``original_size`` (per-axis scale;
+    ``None`` = stay in input pixels), clip to it, and drop boxes with zero width or height.
+    """
+    boxes = torch.cat([c.boxes for c in candidates])
+    scores = torch.cat([c.scores for c in candidates])
+    labels = torch.cat([c.labels for c in candidates])
+    keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]  # sorted by score
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    boxes = rescale_boxes(boxes, tuple(image_size), None if original_size is None else tuple(original_size))
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[nonempty], "scores": scores[nonempty], "labels": labels[nonempty]}
+
+
+def postprocess_image(levels: Sequence[LevelOutputs], box_coder: BoxCoder, topk_candidates: int,
+                      score_threshold: float, nms_threshold: float, max_detections: int,
+                      image_size: tuple[int, int], original_size: Optional[tuple[int, int]] = None) -> dict:
+    """``level_candidates`` on every level, then ``merge_detections``."""
+    if not levels:
+        raise ValueError("postprocess_image needs at least one level")
+    candidates = [level_candidates(LevelOutputs(*level), box_coder, topk_candidates, score_threshold)
+                  for level in levels]
+    return merge_detections(candidates, nms_threshold, max_detections, image_size, original_size)
