@@ -141,9 +141,21 @@ class QueryDetPair:
                                                                 ("start_level", "threshold", "context", "method")})
         return out.stats()["share"]
 
-    def calibrate(self, features, target: float, iterations: int = 14) -> float:
+    def calibrate(self, features, target: float, iterations: int = 20) -> float:
         """Bisection on the query predictor's bias; returns the share reached."""
-        lo, hi = -60.0, 60.0
+        # Random-init logits can be huge (ResNet) or ~1e-6 (MobileNetV2): first scale the query
+        # predictor so that the start level's logits have unit spread, then bracket the bias by their
+        # range. Only the query predictor changes; the detection heads keep their random weights.
+        with torch.inference_mode():
+            self.bias.zero_()
+            predictor = self.model.query_head.predictors[0]
+            q = self.model.query_head(features[f"p{self.model.cfg.csq.start_level}"])[0]
+            std = float(q.std())
+            if math.isfinite(std) and std > 0:
+                predictor.weight.div_(std)
+                q = q / std
+            span = 2.0 * float(q.abs().max()) + 20.0
+        lo, hi = -span, span
         for _ in range(iterations):
             mid = (lo + hi) / 2
             if self.share_for_bias(features, mid) < target:
@@ -153,6 +165,62 @@ class QueryDetPair:
         # Of the two brackets, keep the bias whose share is closest to the target.
         best = min((lo, hi), key=lambda b: abs(self.share_for_bias(features, b) - target))
         return self.share_for_bias(features, best)
+
+
+@torch.inference_mode()
+def head_breakdown(pair: QueryDetPair, features, sizes, warmup: int, runs: int, clock: Clock) -> None:
+    """Median ms of the parts of head + post-processing, dense-P2 vs CSQ."""
+    from sparsedet.models.csq import anchor_level_outputs, cascade_sparse_query
+    m = pair.model
+    csq = m.cfg.csq
+    sparse = sorted((lvl for lvl in m.levels if lvl < csq.start_level), reverse=True)
+    upper = [lvl for lvl in m.levels if lvl >= csq.start_level]
+    state = {}
+
+    def cascade():
+        state["out"] = cascade_sparse_query(
+            {lvl: features[f"p{lvl}"] for lvl in [csq.start_level] + sparse}, m.query_head,
+            [m.head.cls_tower, m.head.box_tower], sparse, start_level=csq.start_level,
+            threshold=csq.threshold, context=csq.context, method=csq.method)
+
+    def to_rows():
+        state["rows"] = anchor_level_outputs(state["out"], m.anchor_generator, m.num_classes, 1)
+
+    def upper_dense():
+        state["upper"] = m.dense_levels(features, upper)
+
+    def all_dense():
+        state["all"] = m.dense_levels(features)
+
+    from sparsedet.models.dense.postprocess import LevelOutputs
+    parts = {
+        "CSQ: cascade (query P4 + sparse P3/P2)": cascade,
+        "CSQ: sparse rows -> anchors": to_rows,
+        "CSQ: dense det head P4..P7": upper_dense,
+        "CSQ: post-processing": lambda: m.postprocess(
+            [[LevelOutputs(*r) for r in state["rows"][0]] + state["upper"][0]], sizes),
+        "dense: det head P2..P7": all_dense,
+        "dense: post-processing": lambda: m.postprocess(state["all"], sizes),
+    }
+    times = median_times(parts, warmup, runs, clock)
+    print("head + post-processing breakdown (median ms):")
+    for name, ts in times.items():
+        print(f"  {name:<42} {fmt_ms(med(ts))}")
+
+
+def profile_head(pair: QueryDetPair, features, sizes, device: torch.device, rows: int = 14) -> None:
+    """torch.profiler tables (top ops by self CPU time) of head + post-processing, CSQ and dense."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, csq in (("CSQ", True), ("dense-P2", False)):
+        pair.head_and_post(features, sizes, csq=csq)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                pair.head_and_post(features, sizes, csq=csq)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"profile of 3 x head + post-processing, {name}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
 
 
 def build_tv_retinanet(size: tuple[int, int], device: torch.device):
@@ -178,7 +246,7 @@ def bench_models(args, build_model, device, clock) -> bool:
             image = random_image(size, args.seed).to(device)
             features, sizes = pair.features([image])
             share = pair.calibrate(features, args.share)
-            print(f"query bias {float(pair.bias):+.3f} -> CSQ evaluates {100 * share:.2f} % of P2+P3 positions "
+            print(f"query bias {float(pair.bias.detach()):+.4g} -> CSQ evaluates {100 * share:.2f} % of P2+P3 positions "
                   f"(target {100 * args.share:.1f} %)")
             fns = {
                 "QueryDet dense-P2": lambda: pair.run([image], csq=False),
@@ -194,6 +262,10 @@ def bench_models(args, build_model, device, clock) -> bool:
             head = median_times({"dense-P2": lambda: pair.head_and_post(features, sizes, csq=False),
                                  "CSQ": lambda: pair.head_and_post(features, sizes, csq=True)},
                                 args.warmup, args.runs, clock)
+            if args.breakdown:
+                head_breakdown(pair, features, sizes, args.warmup, args.runs, clock)
+            if args.profile:
+                profile_head(pair, features, sizes, device)
             dense_w, csq_w, retina_w = med(whole["QueryDet dense-P2"]), med(whole["QueryDet CSQ"]), med(whole["RetinaNet (P3-P7)"])
             dense_h, csq_h = med(head["dense-P2"]), med(head["CSQ"])
             print(f"{'model':<24} | {'whole ms':>10} | {'head+post ms':>12}")
@@ -315,6 +387,9 @@ def main(argv=None) -> int:
     p.add_argument("--share", type=float, default=0.05,
                    help="share of P2+P3 positions CSQ evaluates in sections 1-2 (default 0.05)")
     p.add_argument("--sweep", default="0.01,0.05,0.10,0.25", help="shares for section 3")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of head + post-processing (cascade, dense upper levels, NMS)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of head + post-processing")
     p.add_argument("--skip-models", action="store_true", help="skip sections 1-2")
     p.add_argument("--skip-sweep", action="store_true", help="skip section 3")
     p.add_argument("--skip-torchvision", action="store_true", help="no torchvision RetinaNet")

@@ -241,16 +241,33 @@ def test_spconv_backend_matches_or_falls_back():
 
 
 def test_pruning_skips_unread_rows_without_changing_results():
-    from sparsedet.layers.sparse_conv import _needed_rows
+    from sparsedet.layers.sparse_conv import needed_rows
 
     tower = make_tower()
     feats = torch.randn(1, 8, 30, 30)
     children = query_children(torch.tensor([[0, 7, 7]]), (1, 30, 30))       # one isolated query
     for context, expected_last in ((5, 16), (11, 16)):
         active = build_active_set(children, (1, 30, 30), context)
-        needed = _needed_rows(active, active.child_rows, tower)
+        needed = needed_rows(active, active.child_rows, tower)
         assert needed[-1].numel() == expected_last                         # 4x4 ring around the 2x2 block
         x = gather_sites(feats, active.indices)
         for a, b in zip(sparse_tower(tower, x, active), sparse_tower(tower, x, active, prune=False)):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
     assert needed[0].numel() == 10 * 10 < active.num_active == 12 * 12       # 11x11 context: layer 1 shrinks too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_masked_dense():
+    """The same gather/matmul path on the GPU (active-set building included), batch 2."""
+    tower = make_tower(c_in=16).cuda()
+    feats = torch.randn(2, 16, 20, 24, device="cuda")
+    children = query_children(torch.tensor([[0, 3, 4], [0, 9, 11], [1, 0, 0], [1, 5, 5]], device="cuda"),
+                              (2, 20, 24))
+    active = build_active_set(children, (2, 20, 24), 5)
+    assert active.indices.is_cuda and active.neighbors.is_cuda
+    with torch.no_grad():
+        got = sparse_tower(tower, gather_sites(feats, active.indices), active)
+        ref = masked_dense_tower(tower, feats, active.mask())
+    for g, r in zip(got, ref):
+        # cuDNN may use TF32 / other summation orders: a slightly looser tolerance than on the CPU.
+        torch.testing.assert_close(g, at(r, children), atol=1e-4, rtol=1e-4)

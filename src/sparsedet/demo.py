@@ -20,6 +20,8 @@ from .models.backbones.mobilenet import imagenet_weights_path
 
 DEMO_CONFIG = "sparse_rcnn/mobilenetv2_fpn_demo"
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
+# Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
+MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
 NUM_SHOWN = 6
 
 
@@ -55,7 +57,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
     print(f"[1/4] generating the synthetic data set in {output_dir / 'data'} "
           f"({NUM_TRAIN} train + {NUM_VAL} val images, {IMAGE_SIZE}x{IMAGE_SIZE})")
     data = write_synthetic_coco(output_dir / "data", num_train=NUM_TRAIN, num_val=NUM_VAL, seed=seed,
-                                height=IMAGE_SIZE, width=IMAGE_SIZE)
+                                height=IMAGE_SIZE, width=IMAGE_SIZE, objects_per_image=OBJECTS_PER_IMAGE,
+                                min_object_size=MIN_OBJECT_SIZE)
     config = demo_config(data, iterations, seed)
     solver = config["solver"]
     print(f"[2/4] training Sparse R-CNN ({config['model']['backbone']['name']}-FPN, "

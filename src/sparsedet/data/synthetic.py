@@ -123,13 +123,15 @@ class SyntheticScene:
 
 
 def render_scene(seed: Seed, height: int = 320, width: int = 320,
-                 objects_per_image: tuple[int, int] = (2, 8)) -> SyntheticScene:
+                 objects_per_image: tuple[int, int] = (2, 8), min_object_size: float = MIN_OBJECT_SIZE) -> SyntheticScene:
     """Renders one image and its annotations; a pure function of the arguments.
 
     Args:
         seed: an int, or a sequence of ints (numpy seeds PCG64 with it, e.g. ``(seed, split, index)``).
         height, width: image size in pixels (each at least 32).
         objects_per_image: inclusive range of objects drawn (occluded ones included).
+        min_object_size: nominal extent of the smallest objects in pixels (sizes are log-uniform
+            from it to half the shorter image side).
     """
     if height < 32 or width < 32:
         raise ValueError(f"synthetic images must be at least 32x32 pixels, got {height}x{width}")
@@ -145,7 +147,7 @@ def render_scene(seed: Seed, height: int = 320, width: int = 320,
     shapes, full_areas = [], []
     low, high = objects_per_image
     for index in range(rng.integers(low, high + 1)):
-        shape = _random_shape(rng, height, width)
+        shape = _random_shape(rng, height, width, min_object_size)
         (y0, y1, x0, x1), mask = shape.mask(height, width)
         region = canvas[y0:y1, x0:x1]
         colour = _contrasting_colour(rng, region[mask].mean(axis=0))
@@ -306,11 +308,11 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
-def _random_shape(rng: np.random.Generator, height: int, width: int) -> Shape:
+def _random_shape(rng: np.random.Generator, height: int, width: int, min_size: float = MIN_OBJECT_SIZE) -> Shape:
     label = int(rng.integers(len(CLASS_NAMES)))
     # Log-uniform sizes: many small objects and a few large ones, as in natural images.
     largest = MAX_OBJECT_SIZE_FRACTION * min(height, width)
-    size = math.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(largest)))
+    size = math.exp(rng.uniform(math.log(min_size), math.log(largest)))
     aspect = math.exp(rng.uniform(-0.25, 0.25))
     rx, ry = size / 2 * math.sqrt(aspect), size / 2 / math.sqrt(aspect)
     radius = max(rx, ry)
@@ -353,7 +355,8 @@ def _draw_blob(rng: np.random.Generator, canvas: np.ndarray, owner: np.ndarray) 
 
 def write_synthetic_coco(root: str | Path, num_train: int = 200, num_val: int = 50, seed: int = 0,
                          height: int = 320, width: int = 320,
-                         objects_per_image: tuple[int, int] = (2, 8)) -> dict[str, dict[str, str]]:
+                         objects_per_image: tuple[int, int] = (2, 8),
+                         min_object_size: float = MIN_OBJECT_SIZE) -> dict[str, dict[str, str]]:
     """Writes (or reuses) a COCO-format synthetic set under ``root``.
 
     Layout: ``root/train/000001.png ...``, ``root/val/...``, ``root/annotations/instances_{train,val}.json``
@@ -372,7 +375,8 @@ def write_synthetic_coco(root: str | Path, num_train: int = 200, num_val: int = 
     """
     root = Path(root)
     params = {"num_train": int(num_train), "num_val": int(num_val), "seed": int(seed), "height": int(height),
-              "width": int(width), "objects_per_image": [int(n) for n in objects_per_image]}
+              "width": int(width), "objects_per_image": [int(n) for n in objects_per_image],
+              "min_object_size": float(min_object_size)}
     manifest = {"generator": "sparsedet.data.synthetic", "version": GENERATOR_VERSION, "params": params,
                 "class_names": list(CLASS_NAMES)}
     splits = {"train": (0, int(num_train)), "val": (1, int(num_val))}
@@ -387,7 +391,7 @@ def write_synthetic_coco(root: str | Path, num_train: int = 200, num_val: int = 
         image_dir.mkdir(parents=True, exist_ok=True)
         dataset = _coco_skeleton(name)
         for index in range(count):
-            scene = render_scene((int(seed), split_code, index), height, width, objects_per_image)
+            scene = render_scene((int(seed), split_code, index), height, width, objects_per_image, min_object_size)
             file_name = _file_name(index)
             _write_atomic(image_dir / file_name, _png_bytes(scene.image))
             image_id = index + 1

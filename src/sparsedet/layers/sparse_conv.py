@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ActiveSet", "query_children", "build_active_set", "submanifold_conv", "rulebook_conv",
-    "gather_sites", "sparse_tower", "masked_dense_tower", "spconv_available", "SpconvTower",
+    "gather_sites", "needed_rows", "sparse_tower", "sparse_towers", "masked_dense_tower", "spconv_available", "SpconvTower",
 ]
 
 # 3x3 taps in the order of the neighbour table's columns: ky-major, kx-minor (tap t = ky*3 + kx,
@@ -99,13 +99,15 @@ class ActiveSet:
         return _from_linear(mask.flatten().nonzero().squeeze(1), tuple(mask.shape), children)
 
 
-def query_children(parents: Tensor, shape: Sequence[int]) -> Tensor:
+def query_children(parents: Tensor, shape: Sequence[int], parent_shape: Optional[Sequence[int]] = None) -> Tensor:
     """The 2x2 children at level l of query positions at level l+1.
 
     Args:
         parents: (n, 3) int64 (batch, y, x) at level l+1.
         shape: (B, H, W) of level l. Children outside it (possible only when level l is not exactly
             twice the size of level l+1, i.e. inputs not padded to the largest stride) are dropped.
+        parent_shape: (B, H, W) of level l+1, optional: when level l is at least twice its size no
+            child can fall outside, and the (device-synchronising) bounds filter is skipped.
 
     Returns:
         (m, 3) int64 (batch, 2y + i, 2x + j), m <= 4n, in the official order: child (0, 0) of every
@@ -118,17 +120,21 @@ def query_children(parents: Tensor, shape: Sequence[int]) -> Tensor:
     scale = torch.tensor([1, 2, 2], dtype=torch.long, device=parents.device)
     children = (parents * scale).unsqueeze(0) + offsets.unsqueeze(1)          # (4, n, 3)
     children = children.reshape(-1, 3)
+    if parent_shape is not None and 2 * parent_shape[-2] <= h and 2 * parent_shape[-1] <= w:
+        return children
     inside = (children[:, 1] < h) & (children[:, 2] < w)
     return children if bool(inside.all()) else children[inside]
 
 
-def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5) -> ActiveSet:
+def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5, validate: bool = True) -> ActiveSet:
     """Union of ``context`` x ``context`` windows around each child, clipped to the map.
 
     Args:
         children: (n, 3) int64 (batch, y, x) sites whose outputs are wanted (in the map, unique).
         shape: (B, H, W) of the level.
         context: odd window side (QueryDet: 5; 1 = the children only).
+        validate: check that the children lie inside the map (costs a device synchronisation on
+            GPUs; the cascade skips it because its children are in the map by construction).
 
     Returns:
         An :class:`ActiveSet` whose ``child_rows[k]`` is the row of ``children[k]``.
@@ -150,12 +156,15 @@ def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5) -
     xs = children[:, 2:3] + dx
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     linear = (children[:, 0:1] * h + ys) * w + xs
-    hit = torch.zeros(b * h * w, dtype=torch.bool, device=device)
-    hit[linear[inside]] = True
-    return _from_linear(hit.nonzero().squeeze(1), (b, h, w), children)
+    # Window sites outside the map go to a dump slot at the end (a where, not a boolean-mask index,
+    # which would synchronise a GPU); the single nonzero below is the only synchronisation.
+    linear = torch.where(inside, linear, torch.full_like(linear, b * h * w))
+    hit = torch.zeros(b * h * w + 1, dtype=torch.bool, device=device)
+    hit[linear.reshape(-1)] = True
+    return _from_linear(hit[:-1].nonzero().squeeze(1), (b, h, w), children, validate)
 
 
-def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor]) -> ActiveSet:
+def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor], validate: bool = True) -> ActiveSet:
     """ActiveSet from sorted unique linear site indices b*H*W + y*W + x."""
     b, h, w = shape
     device = linear.device
@@ -177,7 +186,7 @@ def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor]) -> Ac
         child_rows = torch.zeros(0, dtype=torch.long, device=device)
     else:
         child_rows = lut[(children[:, 0] * hp + children[:, 1] + 1) * wp + children[:, 2] + 1]
-        if bool((child_rows == n).any()):
+        if validate and bool((child_rows == n).any()):
             raise ValueError("some children are not active sites (or lie outside the map)")
     return ActiveSet(indices, neighbors, child_rows, (b, h, w))
 
@@ -251,6 +260,9 @@ def submanifold_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optiona
     """
     n, c_in = x.shape
     k = weight.shape[-1]
+    if x.is_cuda:
+        # GPU memory is not the constraint at these sizes, kernel launches are: one chunk.
+        chunk_rows = max(chunk_rows, 1 << 16)
     if weight.shape[1] != c_in:
         raise ValueError(f"weight expects {weight.shape[1]} input channels, features have {c_in}")
     w = _matmul_weight(weight)
@@ -308,7 +320,8 @@ def rulebook_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[T
 
 
 def sparse_tower(tower: nn.Module, x: Tensor, active: ActiveSet, rows: Optional[Tensor] = None,
-                 impl: str = "gather", chunk_rows: int = DEFAULT_CHUNK_ROWS, prune: bool = True) -> list[Tensor]:
+                 impl: str = "gather", chunk_rows: int = DEFAULT_CHUNK_ROWS, prune: bool = True,
+                 needed: Optional[list] = None) -> list[Tensor]:
     """Runs a :class:`ConvTower` (``.subnet`` 3x3 convs + ReLU, ``.predictors``) on an active set.
 
     Args:
@@ -319,7 +332,9 @@ def sparse_tower(tower: nn.Module, x: Tensor, active: ActiveSet, rows: Optional[
         rows: rows at which the predictors are evaluated (default ``active.child_rows``); the trunk
             runs on every active row because the predictors read the children's neighbours.
         impl: ``gather`` (default, one matmul per layer) or ``rulebook`` (per-tap scatter-add).
-        prune: skip trunk rows that no later layer reads (exact; see :func:`_needed_rows`).
+        prune: skip trunk rows that no later layer reads (exact; see :func:`needed_rows`).
+        needed: precomputed ``needed_rows(active, rows, tower)`` (towers of the same depth and
+            predictor kernel share it; saves recomputing it per tower).
 
     Returns:
         One (len(rows), C_i) tensor per predictor.
@@ -339,19 +354,22 @@ def sparse_tower(tower: nn.Module, x: Tensor, active: ActiveSet, rows: Optional[
     rows = active.child_rows if rows is None else rows
     if rows.numel() == 0:
         return [x.new_zeros(0, p.out_channels) for p in tower.predictors]
-    needed = _needed_rows(active, rows, tower) if prune else [None] * len(tower.subnet)
+    if not prune:
+        needed = [None] * len(tower.subnet)
+    elif needed is None:
+        needed = needed_rows(active, rows, tower)
     for layer, need in zip(tower.subnet, needed):
         if need is None:
             x = conv(x, layer).relu_()
         else:
-            # Rows no later layer reads stay zero: they are never gathered (see _needed_rows).
+            # Rows no later layer reads stay zero: they are never gathered (see needed_rows).
             y = x.new_zeros(x.shape[0], layer.out_channels)
             y[need] = conv(x, layer, need).relu_()
             x = y
     return [conv(x, p, rows) for p in tower.predictors]
 
 
-def _needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Optional[Tensor]]:
+def needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Optional[Tensor]]:
     """Per trunk layer, the active rows whose output a later layer actually reads (None = all).
 
     Working backwards from the predictor rows: a 3x3 layer needs its input on the active 3x3
@@ -369,8 +387,7 @@ def _needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Opti
         if k_next == 3:
             hit = torch.zeros(n + 1, dtype=torch.bool, device=rows.device)
             hit[active.neighbors.index_select(0, need).reshape(-1)] = True
-            hit = hit[:n]
-            need = hit.nonzero().squeeze(1)
+            need = hit[:n].nonzero().squeeze(1)
         else:
             need = need.unique()
         if need.numel() == n:   # every row is read from here on down: no pruning
@@ -379,6 +396,115 @@ def _needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Opti
         needed.append(need)
         k_next = _check_conv(layer)
     return needed[::-1]
+
+
+def sparse_towers(towers: Sequence[nn.Module], x: Tensor, active: ActiveSet, rows: Optional[Tensor] = None,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, prune: bool = True) -> list[list[Tensor]]:
+    """Several towers on the same active set and input, e.g. QueryDet's class, box and query towers.
+
+    Same result as ``[sparse_tower(t, x, active, rows) for t in towers]``, but towers whose trunks
+    have the same shape run *stacked*: their first layers are one matmul against the concatenated
+    weights (they read the same gathered input), and every later layer is one gather and one batched
+    matmul for all of them. That divides the number of kernel launches by the number of towers,
+    which is what bounds CSQ's speed on a GPU (a few thousand active rows are microseconds of math).
+
+    Returns:
+        Per tower, one (len(rows), C_i) tensor per predictor.
+    """
+    rows = active.child_rows if rows is None else rows
+    if x.shape[0] != active.num_active:
+        raise ValueError(f"features have {x.shape[0]} rows, the active set {active.num_active}")
+    groups: dict = {}
+    for i, tower in enumerate(towers):
+        kernels = [_check_conv(layer) for layer in list(tower.subnet) + list(tower.predictors)]
+        signature = (tuple((c.in_channels, c.out_channels) for c in tower.subnet), max(kernels[len(tower.subnet):]))
+        groups.setdefault(signature, []).append(i)
+    out: list = [None] * len(towers)
+    for (trunk, _), members in groups.items():
+        group = [towers[i] for i in members]
+        if rows.numel() == 0:
+            for i in members:
+                out[i] = [x.new_zeros(0, p.out_channels) for p in towers[i].predictors]
+            continue
+        needed = needed_rows(active, rows, group[0]) if prune else [None] * len(trunk)
+        if len(group) == 1 or not trunk:
+            for i in members:
+                out[i] = sparse_tower(towers[i], x, active, rows, chunk_rows=chunk_rows, prune=prune, needed=needed)
+            continue
+        feats = _stacked_trunk(group, x, active, needed, chunk_rows)          # (T, N, C)
+        for t, i in enumerate(members):
+            out[i] = [submanifold_conv(feats[t], active.neighbors, p.weight, p.bias, rows, chunk_rows)
+                      for p in towers[i].predictors]
+    return out
+
+
+# Stacked weights of a group of same-shaped convs: first weight -> (weights, versions, (W, b)).
+_STACK_CACHE = WeakIdKeyDictionary()
+
+
+def _stacked_weights(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor]:
+    """(T, 9*C_in, C_out) matmul weights and (T, 1, C_out) biases of T same-shaped 3x3 convs."""
+    weights = [c.weight for c in convs]
+    cacheable = not any(w.is_inference() or (torch.is_grad_enabled() and w.requires_grad) for w in weights)
+    if cacheable:
+        versions = tuple(w._version for w in weights) + tuple(c.bias._version for c in convs)
+        hit = _STACK_CACHE.get(weights[0])
+        if hit is not None and len(hit[0]) == len(weights) and all(a is b for a, b in zip(hit[0], weights)) \
+                and hit[1] == versions:
+            return hit[2]
+    w = torch.stack([_matmul_weight(c.weight) for c in convs])
+    b = torch.stack([c.bias for c in convs]).unsqueeze(1)
+    if cacheable:
+        _STACK_CACHE[weights[0]] = (tuple(weights), versions, (w, b))
+    return w, b
+
+
+def _stacked_trunk(group: Sequence[nn.Module], x: Tensor, active: ActiveSet, needed: list,
+                   chunk_rows: int) -> Tensor:
+    """Trunks of T same-shaped towers on one active set -> (T, N, C) trunk outputs.
+
+    Rows a later layer never reads (``needed``) are left at zero, as in :func:`sparse_tower`.
+    """
+    t_count = len(group)
+    n = x.shape[0]
+    depth = len(group[0].subnet)
+    if x.is_cuda:
+        chunk_rows = max(chunk_rows, 1 << 16)
+    chunk = max(chunk_rows // t_count, 256)
+    feats = None                               # (T, N + 1, C): row N of every tower is the zero row
+    for layer_index in range(depth):
+        convs = [tower.subnet[layer_index] for tower in group]
+        w, b = _stacked_weights(convs)        # (T, 9 C_in, C_out), (T, 1, C_out)
+        c_out = w.shape[2]
+        need = needed[layer_index]
+        nbr = active.neighbors if need is None else active.neighbors.index_select(0, need)
+        m = nbr.shape[0]
+        y = x.new_empty(t_count, m, c_out)
+        if feats is None:
+            # Layer 1: every tower reads the same x -> one gather, one matmul against [W_1 | ... | W_T].
+            xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
+            w_cat = w.permute(1, 0, 2).reshape(w.shape[1], t_count * c_out)
+            b_cat = b.reshape(t_count * c_out)
+            for s in range(0, m, chunk * t_count):
+                part = nbr[s:s + chunk * t_count]
+                g = xp.index_select(0, part.reshape(-1)).view(part.shape[0], -1)
+                y[:, s:s + part.shape[0]] = torch.addmm(b_cat, g, w_cat).view(-1, t_count, c_out).transpose(0, 1)
+        else:
+            flat = feats.reshape(-1, feats.shape[2])                       # (T * (N + 1), C_in)
+            offsets = torch.arange(t_count, device=x.device).mul_(n + 1).view(t_count, 1, 1)
+            for s in range(0, m, chunk):
+                part = nbr[s:s + chunk]
+                idx = (part.unsqueeze(0) + offsets).reshape(-1)
+                g = flat.index_select(0, idx).view(t_count, part.shape[0], -1)
+                torch.baddbmm(b, g, w, out=y[:, s:s + part.shape[0]]) if m <= chunk else \
+                    y[:, s:s + part.shape[0]].copy_(torch.baddbmm(b, g, w))
+        y.relu_()
+        feats = x.new_zeros(t_count, n + 1, c_out)
+        if need is None:
+            feats[:, :n] = y
+        else:
+            feats[:, need] = y
+    return feats[:, :n]
 
 
 def masked_dense_tower(tower: nn.Module, features: Tensor, mask: Tensor) -> list[Tensor]:

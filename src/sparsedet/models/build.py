@@ -7,6 +7,8 @@ from typing import Iterable, Mapping, Optional, Union
 from torch import nn
 
 from ..config import ConfigError, from_dict, load_config
+from .faster_rcnn import FasterRCNN, FasterRCNNConfig
+from .fcos import FCOS, FCOSConfig, QueryDetFCOSConfig
 from .querydet import QueryDet, QueryDetConfig
 from .retinanet import RetinaNet, RetinaNetConfig
 from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
@@ -16,6 +18,9 @@ MODELS = {
     "sparse_rcnn": (SparseRCNNConfig, SparseRCNN),
     "retinanet": (RetinaNetConfig, RetinaNet),
     "querydet": (QueryDetConfig, QueryDet),
+    "fcos": (FCOSConfig, FCOS),
+    "querydet_fcos": (QueryDetFCOSConfig, FCOS),
+    "faster_rcnn": (FasterRCNNConfig, FasterRCNN),
 }
 
 

@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ConfigError
 from ..layers.sparse_conv import (
-    DEFAULT_CHUNK_ROWS, SpconvTower, build_active_set, gather_sites, query_children, sparse_tower,
+    DEFAULT_CHUNK_ROWS, SpconvTower, build_active_set, gather_sites, needed_rows, query_children, sparse_tower,
 )
 
 __all__ = ["CSQ_METHODS", "CSQConfig", "CSQLevel", "CSQOutput", "anchor_level_outputs", "cascade_sparse_query",
@@ -244,6 +244,7 @@ def cascade_sparse_query(
         start_query_logits = query_tower(features[start_level])[0][:, 0]
     start_query_logits = start_query_logits.detach() if not torch.is_grad_enabled() else start_query_logits
     parents = (start_query_logits.sigmoid() > threshold).nonzero()
+    parent_shape = tuple(start_query_logits.shape)
 
     shapes = {}
     for v in sparse_levels:
@@ -255,7 +256,8 @@ def cascade_sparse_query(
             break
         last = i == len(sparse_levels) - 1
         towers = list(value_towers) + ([] if last else [query_tower])
-        children = query_children(parents, shapes[v])
+        children = query_children(parents, shapes[v], parent_shape)
+        parent_shape = shapes[v]
         if method == "csq":
             outs, num_active = _evaluate_sparse(towers, features[v], children, context, backend, chunk_rows)
         elif method == "crop":
@@ -281,17 +283,21 @@ def _evaluate_sparse(towers, feature: Tensor, children: Tensor, context: int, ba
                      chunk_rows: int) -> tuple[list[list[Tensor]], int]:
     """CSQ proper: one active set (children + context windows) shared by all towers."""
     b, _, h, w = feature.shape
-    active = build_active_set(children, (b, h, w), context)
+    active = build_active_set(children, (b, h, w), context, validate=False)  # in the map by construction
     x0 = gather_sites(feature, active.indices)
     outs = []
+    shared_needed: dict = {}  # towers of equal depth and predictor kernel read the same rows
     for tower in towers:
         if backend == "spconv":
             runner = _SPCONV_TOWERS.get(tower)
             if runner is None:
                 runner = _SPCONV_TOWERS[tower] = SpconvTower(tower)
             outs.append(runner(x0, active))
-        else:
-            outs.append(sparse_tower(tower, x0, active, chunk_rows=chunk_rows))
+            continue
+        key = (len(tower.subnet), max(p.kernel_size[0] for p in tower.predictors))
+        if key not in shared_needed:
+            shared_needed[key] = needed_rows(active, active.child_rows, tower)
+        outs.append(sparse_tower(tower, x0, active, chunk_rows=chunk_rows, needed=shared_needed[key]))
     return outs, active.num_active
 
 
@@ -374,6 +380,9 @@ def anchor_level_outputs(output: CSQOutput, anchor_generator, num_classes: int,
         deltas = box.reshape(-1, 4)                                 # (n * A, 4)
         num_anchors = logits.shape[0] // max(lv.num_children, 1)
         anchors = anchor_generator.anchors_at(lv.level, lv.positions[:, 1], lv.positions[:, 2])
+        if batch_size == 1:   # every row is image 0's: no per-image split (and no GPU sync)
+            per_image[0].append((logits, deltas, anchors))
+            continue
         image_of_row = lv.positions[:, 0].repeat_interleave(num_anchors)
         for b in range(batch_size):
             rows = (image_of_row == b).nonzero().squeeze(1)
