@@ -51,9 +51,8 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 # OpenMP reads its environment when torch (libgomp) is loaded, so this must precede `import torch`.
 if "--omp-passive" in sys.argv:

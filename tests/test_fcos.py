@@ -363,3 +363,11 @@ def test_bundled_configs_build(name):
     model = build_model(name, small)
     assert model.cfg.name == ("fcos" if name == "fcos/r50_fpn_1x_coco" else "querydet_fcos")
     assert model.cfg.csq.enabled is False
+
+
+def test_box_distances_relu_stride_and_exp():
+    head = tiny().head                                  # strides (4, 8, ...), scales 1
+    raw = torch.tensor([[1.5, -2.0, 0.0, 3.0]])
+    assert head.box_distances(raw, 1).tolist() == [[12.0, 0.0, 0.0, 24.0]]   # relu(x) * 8
+    exp_head = tiny(head={"num_convs": 2, "box_activation": "exp"}).head
+    assert torch.allclose(exp_head.box_distances(raw, 1), raw.exp())

@@ -9,13 +9,12 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsedet.layers.conv_tower import ConvTower
 from sparsedet.layers.sparse_conv import (
     ActiveSet, SpconvTower, build_active_set, gather_sites, masked_dense_tower, query_children,
-    rulebook_conv, sparse_tower, spconv_available, submanifold_conv,
+    rulebook_conv, sparse_tower, sparse_towers, spconv_available, submanifold_conv,
 )
 
 ATOL = RTOL = 1e-5
@@ -271,3 +270,47 @@ def test_cuda_matches_masked_dense():
     for g, r in zip(got, ref):
         # cuDNN may use TF32 / other summation orders: a slightly looser tolerance than on the CPU.
         torch.testing.assert_close(g, at(r, children), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("context", [1, 5, 11])
+def test_stacked_towers_equal_one_by_one(context):
+    """Towers of equal trunk shape run stacked (batched matmuls); others alone; same results."""
+    towers = [make_tower(out=(6,), seed=1), make_tower(out=(4, 1), seed=2), make_tower(out=(1,), seed=3),
+              make_tower(num_convs=2, out=(3,), seed=4), make_tower(out=(2,), pred_k=1, seed=5)]
+    feats = torch.randn(2, 8, 20, 20)
+    children = query_children(torch.tensor([[0, 2, 3], [1, 5, 5], [0, 9, 9]]), (2, 20, 20))
+    active = build_active_set(children, (2, 20, 20), context)
+    x = gather_sites(feats, active.indices)
+    masks = active.mask()
+    for chunk in (64, 2048):                             # several chunks and one
+        with torch.no_grad():                            # (with autograd on, towers run one by one)
+            got = sparse_towers(towers, x, active, chunk_rows=chunk)
+        for tower, outs in zip(towers, got):
+            for g, r in zip(outs, masked_dense_tower(tower, feats, masks)):
+                torch.testing.assert_close(g, at(r, children), atol=ATOL, rtol=RTOL)
+    empty = build_active_set(torch.zeros(0, 3, dtype=torch.long), (2, 20, 20), context)
+    assert [[o.shape for o in outs] for outs in sparse_towers(towers[:2], torch.zeros(0, 8), empty)] == \
+        [[(0, 6)], [(0, 4), (0, 1)]]
+
+
+def test_stacked_weight_cache_is_per_group_and_follows_updates():
+    """Groups sharing a first tower (QueryDet: 3 towers on P3, 2 on P2) each keep their stacked
+    weights; an in-place weight update invalidates them."""
+    towers = [make_tower(out=(3,), seed=s) for s in (1, 2, 3)]
+    feats = torch.randn(1, 8, 12, 12)
+    active = build_active_set(torch.tensor([[0, 5, 5], [0, 6, 9]]), (1, 12, 12), 5)
+    x = gather_sites(feats, active.indices)
+
+    def check(group):
+        with torch.no_grad():
+            got = sparse_towers(group, x, active)
+        for tower, outs in zip(group, got):
+            torch.testing.assert_close(outs[0], sparse_tower(tower, x, active)[0], atol=ATOL, rtol=RTOL)
+
+    for _ in range(2):
+        check(towers)
+        check(towers[:2])
+    with torch.no_grad():
+        towers[1].subnet[2].weight.mul_(-1.0)
+    check(towers)
+    check(towers[:2])

@@ -146,7 +146,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed, device=args.device)
+    run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed, device=args.device, model=args.model)
     return 0
 
 
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
+    demo.add_argument("--model", default="sparse_rcnn", choices=["sparse_rcnn", "querydet"],
+                      help="detector to train (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)
 
     convert = commands.add_parser(

@@ -18,14 +18,14 @@ from .engine.trainer import Trainer
 from .log import setup_logging
 from .models.backbones.mobilenet import imagenet_weights_path
 
-DEMO_CONFIG = "sparse_rcnn/mobilenetv2_fpn_demo"
+DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo"}
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 # Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
 NUM_SHOWN = 6
 
 
-def demo_config(data: dict, iterations: Optional[int], seed: int) -> dict:
+def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = "sparse_rcnn") -> dict:
     """The demo config with the generated folders filled in. Without the MobileNetV2 weights
     package it falls back to a ResNet-18 from scratch (and says so)."""
     overrides = [f"solver.seed={seed}"]
@@ -41,11 +41,13 @@ def demo_config(data: dict, iterations: Optional[int], seed: int) -> dict:
         print(f"note: {err}\n      falling back to a ResNet-18 backbone from random init (expect a lower AP).")
         overrides += ["model.backbone.name=resnet", "model.backbone.depth=18", "model.backbone.weights=null",
                       "model.backbone.freeze_at=0", "model.backbone.frozen_bn=false"]
-    return load_config(DEMO_CONFIG, overrides)
+    if model not in DEMO_CONFIGS:
+        raise ValueError(f"demo model must be one of {sorted(DEMO_CONFIGS)}, got {model!r}")
+    return load_config(DEMO_CONFIGS[model], overrides)
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] = None, seed: int = 0,
-             device: Optional[str] = None) -> dict:
+             device: Optional[str] = None, model: str = "sparse_rcnn") -> dict:
     """Runs the whole demo; returns the val metrics (``AP``, ``AP50``, ... in [0, 1])."""
     from .engine.evaluate import predict_dataset
     from .visualize import draw_detections, plot_training_curves
@@ -59,11 +61,10 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
     data = write_synthetic_coco(output_dir / "data", num_train=NUM_TRAIN, num_val=NUM_VAL, seed=seed,
                                 height=IMAGE_SIZE, width=IMAGE_SIZE, objects_per_image=OBJECTS_PER_IMAGE,
                                 min_object_size=MIN_OBJECT_SIZE)
-    config = demo_config(data, iterations, seed)
+    config = demo_config(data, iterations, seed, model)
     solver = config["solver"]
-    print(f"[2/4] training Sparse R-CNN ({config['model']['backbone']['name']}-FPN, "
-          f"{config['model']['num_proposals']} proposals, {config['model']['num_stages']} stages) for "
-          f"{solver['max_iter']} steps of {solver['images_per_batch']} images on {device or 'cpu'}")
+    print(f"[2/4] training {describe_model(config)} for {solver['max_iter']} steps of "
+          f"{solver['images_per_batch']} images on {device or 'cpu'}")
     trainer = Trainer(config, output_dir / "train", device=device or "cpu")
     result = trainer.train()
     print("[3/4] evaluation on the held-out images:")
@@ -90,13 +91,22 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
     return result.stats
 
 
+def describe_model(config: dict) -> str:
+    """One line naming the detector a config builds, for the console and the report."""
+    model = config["model"]
+    backbone = f"{model['backbone']['name']}-FPN, {model['fpn']['channels']} channels"
+    if model["name"] == "sparse_rcnn":
+        return f"Sparse R-CNN ({backbone}, {model['num_proposals']} proposals, {model['num_stages']} stages)"
+    levels = model["fpn"]["out_levels"]
+    return f"QueryDet ({backbone}, P{min(levels)}-P{max(levels)}, query head on P3/P4)"
+
+
 def _report(result, config: dict, curve: Path, pictures: list[Path], output_dir: Path, elapsed: float) -> str:
-    solver, model = config["solver"], config["model"]
+    solver = config["solver"]
     lines = [
         "# sparsedet demo report", "",
-        f"Sparse R-CNN, {model['backbone']['name']}-FPN ({model['fpn']['channels']} channels), "
-        f"{model['num_proposals']} proposals, {model['num_stages']} stages, trained for {solver['max_iter']} "
-        f"iterations of {solver['images_per_batch']} images (AdamW, lr {solver['base_lr']}) on the generated "
+        f"{describe_model(config)}, trained for {solver['max_iter']} iterations of "
+        f"{solver['images_per_batch']} images ({solver['optimizer']}, lr {solver['base_lr']}) on the generated "
         f"training set; evaluated with COCO AP on the held-out set. Wall time {elapsed / 60:.1f} min.", "",
         "## COCO metrics on the held-out images", "", "```", result.table(), "```", "",
         "## Training curve", "", f"![loss curve]({curve.relative_to(output_dir)})", "",

@@ -10,13 +10,16 @@ machinery that makes that possible with the *dense* heads' own weights:
 * :func:`submanifold_conv` is one 3x3 (or 1x1) convolution restricted to the active set: sites
   outside it read as zero and get no output. One gather + one matmul per layer (chunked).
 * :func:`sparse_tower` runs a whole :class:`~sparsedet.layers.conv_tower.ConvTower` that way:
-  the trunk on every active site, the predictors only on the requested rows (the children).
+  the trunk on the active sites (minus those no later layer reads, see :func:`needed_rows`), the
+  predictors only on the requested rows (the children). :func:`sparse_towers` runs several towers
+  on one active set, stacking same-shaped trunks into batched matmuls (fewer GPU kernel launches).
 * :func:`masked_dense_tower` is the slow reference used by the tests: dense conv2d on a map that is
   zero outside the active set, re-masked after every layer.
 * :func:`rulebook_conv` is the per-tap scatter-add formulation (what spconv's "native" algorithm
   does); same result, a cross-check for the gather path.
-* An optional spconv backend (:class:`SpconvTower`) when ``spconv`` is importable; it checks its
-  weight layout against the pure path at first use and falls back to it when they disagree.
+* An optional spconv 2.x backend (:class:`SpconvTower`) when ``spconv.pytorch`` is importable; it
+  checks its weight layout against the pure path at first use and falls back to it when they
+  disagree. spconv is not a dependency and this path is not exercised by the test suite's CI.
 
 Conventions. A site is a (batch, y, x) triple of one level; active sets are stored as ``indices``
 (N, 3) int64 rows in row-major order (batch, then y, then x). Features of the active set are a
@@ -27,11 +30,11 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -427,18 +430,34 @@ def sparse_towers(towers: Sequence[nn.Module], x: Tensor, active: ActiveSet, row
                 out[i] = [x.new_zeros(0, p.out_channels) for p in towers[i].predictors]
             continue
         needed = needed_rows(active, rows, group[0]) if prune else [None] * len(trunk)
-        if len(group) == 1 or not trunk:
+        # The stacked path writes into preallocated buffers (inference); with autograd on, one by one.
+        grad = torch.is_grad_enabled() and any(p.requires_grad for t in group for p in t.parameters())
+        if len(group) == 1 or not trunk or grad:
             for i in members:
                 out[i] = sparse_tower(towers[i], x, active, rows, chunk_rows=chunk_rows, prune=prune, needed=needed)
             continue
-        feats = _stacked_trunk(group, x, active, needed, chunk_rows)          # (T, N, C)
+        feats = _stacked_trunk(group, x, active, needed, chunk_rows)          # (T, N + 1, C)
+        # Predictors: only at `rows`; the trunk outputs already end with the zero row, so the
+        # neighbour rows index them directly (one neighbour lookup shared by every predictor).
+        nbr = active.neighbors.index_select(0, rows)
         for t, i in enumerate(members):
-            out[i] = [submanifold_conv(feats[t], active.neighbors, p.weight, p.bias, rows, chunk_rows)
-                      for p in towers[i].predictors]
+            out[i] = [_predict(feats[t], nbr, rows, p) for p in towers[i].predictors]
     return out
 
 
-# Stacked weights of a group of same-shaped convs: first weight -> (weights, versions, (W, b)).
+def _predict(padded: Tensor, nbr: Tensor, rows: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A predictor at ``rows`` from trunk features ``padded`` (N + 1, C) whose last row is zero."""
+    w = _matmul_weight(conv.weight)
+    if conv.kernel_size[0] == 1:
+        g = padded.index_select(0, rows)
+    else:
+        g = padded.index_select(0, nbr.reshape(-1)).view(nbr.shape[0], -1)
+    return torch.addmm(conv.bias, g, w) if conv.bias is not None else g @ w
+
+
+# Stacked weights of groups of same-shaped convs: first weight -> {ids of all weights: (weak refs to
+# them, versions, (W, b))}. Several groups can start with the same conv (QueryDet: class + box +
+# query towers on P3, class + box on P2). Weak refs, so that a value never keeps its key alive.
 _STACK_CACHE = WeakIdKeyDictionary()
 
 
@@ -448,20 +467,23 @@ def _stacked_weights(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor]:
     cacheable = not any(w.is_inference() or (torch.is_grad_enabled() and w.requires_grad) for w in weights)
     if cacheable:
         versions = tuple(w._version for w in weights) + tuple(c.bias._version for c in convs)
-        hit = _STACK_CACHE.get(weights[0])
-        if hit is not None and len(hit[0]) == len(weights) and all(a is b for a, b in zip(hit[0], weights)) \
-                and hit[1] == versions:
+        entries = _STACK_CACHE.get(weights[0])
+        if entries is None:
+            entries = _STACK_CACHE[weights[0]] = {}
+        group_key = tuple(id(w) for w in weights)
+        hit = entries.get(group_key)
+        if hit is not None and all(r() is w for r, w in zip(hit[0], weights)) and hit[1] == versions:
             return hit[2]
     w = torch.stack([_matmul_weight(c.weight) for c in convs])
     b = torch.stack([c.bias for c in convs]).unsqueeze(1)
     if cacheable:
-        _STACK_CACHE[weights[0]] = (tuple(weights), versions, (w, b))
+        entries[group_key] = (tuple(weakref.ref(x) for x in weights), versions, (w, b))
     return w, b
 
 
 def _stacked_trunk(group: Sequence[nn.Module], x: Tensor, active: ActiveSet, needed: list,
                    chunk_rows: int) -> Tensor:
-    """Trunks of T same-shaped towers on one active set -> (T, N, C) trunk outputs.
+    """Trunks of T same-shaped towers on one active set -> (T, N + 1, C) trunk outputs, row N zero.
 
     Rows a later layer never reads (``needed``) are left at zero, as in :func:`sparse_tower`.
     """
@@ -496,15 +518,17 @@ def _stacked_trunk(group: Sequence[nn.Module], x: Tensor, active: ActiveSet, nee
                 part = nbr[s:s + chunk]
                 idx = (part.unsqueeze(0) + offsets).reshape(-1)
                 g = flat.index_select(0, idx).view(t_count, part.shape[0], -1)
-                torch.baddbmm(b, g, w, out=y[:, s:s + part.shape[0]]) if m <= chunk else \
-                    y[:, s:s + part.shape[0]].copy_(torch.baddbmm(b, g, w))
+                if m <= chunk:
+                    torch.baddbmm(b, g, w, out=y)               # one chunk: write in place
+                else:
+                    y[:, s:s + part.shape[0]] = torch.baddbmm(b, g, w)
         y.relu_()
         feats = x.new_zeros(t_count, n + 1, c_out)
         if need is None:
             feats[:, :n] = y
         else:
             feats[:, need] = y
-    return feats[:, :n]
+    return feats
 
 
 def masked_dense_tower(tower: nn.Module, features: Tensor, mask: Tensor) -> list[Tensor]:
@@ -560,9 +584,16 @@ class SpconvTower:
     }
 
     def __init__(self, tower: nn.Module):
-        self.tower = tower
+        self._tower = weakref.ref(tower)   # weak: instances are cached per tower (models.csq)
         self.layout: Optional[str] = None
         self.ok: Optional[bool] = None if spconv_available() else False
+
+    @property
+    def tower(self) -> nn.Module:
+        tower = self._tower()
+        if tower is None:
+            raise RuntimeError("the tower of this SpconvTower no longer exists")
+        return tower
 
     def _build(self, layout: str, device, dtype):
         import spconv.pytorch as spconv
@@ -589,7 +620,7 @@ class SpconvTower:
         n_trunk = len(self.tower.subnet)
         for layer in layers[:n_trunk]:
             st = layer(st)
-            st = st.replace_feature(torch.relu(st.features))
+            st = st.replace_feature(torch.relu(st.features))    # spconv 2.x API (features are read-only)
         outs = []
         for layer in layers[n_trunk:]:
             # spconv keeps the input's row order for submanifold convs; read the requested rows.

@@ -5,8 +5,8 @@ CSQ is an inference-time procedure. A query tower runs densely on a coarse *star
 its 2x2 children on the next finer level; the detection towers (and, except at the last level, the
 query tower) are evaluated there only on the children plus a small context window, with the dense
 heads' weights; the children whose query probability again exceeds sigma become the queries for the
-level below, and so on (P4 -> P3 -> P2). See ``docs``/spec section 3 and
-:mod:`sparsedet.layers.sparse_conv` for the submanifold convolution it relies on.
+level below, and so on (P4 -> P3 -> P2). The submanifold convolution it relies on is in
+:mod:`sparsedet.layers.sparse_conv`.
 
 This module is generic: any head made of :class:`~sparsedet.layers.conv_tower.ConvTower`-like
 towers (``.subnet`` 3x3 convs with ReLU, ``.predictors``) and any consecutive list of levels works
@@ -26,7 +26,7 @@ Query methods (paper tables 5 and 6), selected by ``method``:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ConfigError
 from ..layers.sparse_conv import (
-    DEFAULT_CHUNK_ROWS, SpconvTower, build_active_set, gather_sites, needed_rows, query_children, sparse_tower,
+    DEFAULT_CHUNK_ROWS, SpconvTower, build_active_set, gather_sites, query_children, sparse_towers,
 )
 
 __all__ = ["CSQ_METHODS", "CSQConfig", "CSQLevel", "CSQOutput", "anchor_level_outputs", "cascade_sparse_query",
@@ -242,7 +242,6 @@ def cascade_sparse_query(
 
     if start_query_logits is None:
         start_query_logits = query_tower(features[start_level])[0][:, 0]
-    start_query_logits = start_query_logits.detach() if not torch.is_grad_enabled() else start_query_logits
     parents = (start_query_logits.sigmoid() > threshold).nonzero()
     parent_shape = tuple(start_query_logits.shape)
 
@@ -285,19 +284,15 @@ def _evaluate_sparse(towers, feature: Tensor, children: Tensor, context: int, ba
     b, _, h, w = feature.shape
     active = build_active_set(children, (b, h, w), context, validate=False)  # in the map by construction
     x0 = gather_sites(feature, active.indices)
+    if backend == "torch":
+        # Same-shaped towers (QueryDet: class, box, query) run stacked: fewer, larger kernels.
+        return sparse_towers(towers, x0, active, chunk_rows=chunk_rows), active.num_active
     outs = []
-    shared_needed: dict = {}  # towers of equal depth and predictor kernel read the same rows
     for tower in towers:
-        if backend == "spconv":
-            runner = _SPCONV_TOWERS.get(tower)
-            if runner is None:
-                runner = _SPCONV_TOWERS[tower] = SpconvTower(tower)
-            outs.append(runner(x0, active))
-            continue
-        key = (len(tower.subnet), max(p.kernel_size[0] for p in tower.predictors))
-        if key not in shared_needed:
-            shared_needed[key] = needed_rows(active, active.child_rows, tower)
-        outs.append(sparse_tower(tower, x0, active, chunk_rows=chunk_rows, needed=shared_needed[key]))
+        runner = _SPCONV_TOWERS.get(tower)
+        if runner is None:
+            runner = _SPCONV_TOWERS[tower] = SpconvTower(tower)
+        outs.append(runner(x0, active))
     return outs, active.num_active
 
 
