@@ -7,6 +7,7 @@ from typing import Optional
 
 from ...config import ConfigError
 from ..backbones import FPNConfig
+from ..csq import CSQConfig
 from ..dense.config import AnchorConfig, DenseLossConfig, DenseTestConfig
 from ..retinanet.config import RetinaNetConfig
 
@@ -18,7 +19,6 @@ PAPER_COCO_LEVEL_WEIGHTS = (1.0, 1.4, 1.8, 2.2, 2.6, 3.0)
 PAPER_VISDRONE_LEVEL_WEIGHTS = (1.0, 1.32, 1.64, 1.96, 2.28, 2.6)
 
 RADIUS_MODES = ("code", "paper")
-CSQ_METHODS = ("csq", "crop", "complete_conv")
 
 
 @dataclass
@@ -46,31 +46,6 @@ class QueryHeadConfig:
     loss_weight: float = 10.0
     focal_alpha: float = 0.25
     focal_gamma: float = 1.2
-
-
-@dataclass
-class CSQConfig:
-    """``model.csq``: Cascade Sparse Query inference (spec §3); training is always dense.
-
-    Attributes:
-        enabled: eval mode runs the query cascade instead of the dense head on the levels below
-            ``start_level`` (false = dense inference, the "QueryDet without CSQ" rows).
-        threshold: sigma; a position is queried iff sigmoid(query logit) > sigma (official code
-            0.12, paper 0.15).
-        start_level: the level whose query head runs densely and starts the cascade (official 4);
-            must be a query level, and every level between it and the lowest detection level
-            must be one too.
-        context: side of the context window around each queried child position (5 = 5x5,
-            official; odd; 1 = children only, paper table 6 "1x1").
-        method: ``csq`` (sparse convolution, official), ``crop`` (per-query crops, paper's CQ) or
-            ``complete_conv`` (dense heads read at query positions, paper's CCQ).
-    """
-
-    enabled: bool = False
-    threshold: float = 0.12
-    start_level: int = 4
-    context: int = 5
-    method: str = "csq"
 
 
 # Subclasses (not default_factory lambdas) so that a partial section in a config, e.g.
@@ -146,14 +121,7 @@ def check_querydet_config(cfg: QueryDetConfig) -> None:
     if q_levels and query.num_convs < 0:
         raise ConfigError(f"model.query.num_convs must be >= 0, got {query.num_convs}")
 
-    csq = cfg.csq
-    if not 0.0 < csq.threshold < 1.0:
-        raise ConfigError(f"model.csq.threshold must be in (0, 1) (a probability), got {csq.threshold}")
-    if not isinstance(csq.context, int) or csq.context < 1 or csq.context % 2 == 0:
-        raise ConfigError(f"model.csq.context is the side of the context window around each query and must be "
-                          f"an odd integer >= 1 (1, 3, 5, ...), got {csq.context!r}")
-    if csq.method not in CSQ_METHODS:
-        raise ConfigError(f"model.csq.method must be one of {CSQ_METHODS}, got {csq.method!r}")
+    csq = cfg.csq  # its own fields are checked by CSQConfig itself
     if not csq.enabled:
         return
     if not q_levels:
