@@ -85,17 +85,15 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     return extract_state_dict(read_weights_file(path), source=str(path))
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
+def _write_atomically(path: str | os.PathLike, write, binary: bool) -> Path:
+    """Calls ``write(file)`` on a temporary file in ``path``'s folder, then renames it over ``path``:
+    a crash mid-write leaves the previous file intact, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -106,17 +104,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    return _write_atomically(path, lambda f: torch.save(obj, f), binary=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return _write_atomically(path, lambda f: f.write(text), binary=False)

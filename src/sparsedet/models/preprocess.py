@@ -57,6 +57,17 @@ class ImagePreprocessor(nn.Module):
         return batch, image_sizes
 
 
+def build_preprocessor(cfg) -> ImagePreprocessor:
+    """The pre-processing a model config asks for: ``cfg.input_format`` / ``pixel_mean`` /
+    ``pixel_std`` when given, else the convention of the backbone's weights (caffe ResNets: BGR,
+    mean only; everything else: RGB, ImageNet mean/std), padded to ``cfg.size_divisor``."""
+    from .backbones.build import PIXEL_CONVENTIONS
+
+    convention = PIXEL_CONVENTIONS[cfg.backbone.layout if cfg.backbone.name == "resnet" else "torchvision"]
+    return ImagePreprocessor(cfg.pixel_mean or convention["pixel_mean"], cfg.pixel_std or convention["pixel_std"],
+                             cfg.input_format or convention["input_format"], cfg.size_divisor)
+
+
 def check_images(images) -> None:
     """Raises ``TypeError``/``ValueError`` naming the bad image when ``images`` is not a non-empty
     list of (3, H, W) float or uint8 tensors."""

@@ -15,8 +15,7 @@ from torchvision.ops import box_iou
 from ...layers.anchors import AnchorGenerator, octave_sizes
 from ...layers.box_coder import BoxCoder
 from ..backbones import build_backbone
-from ..backbones.build import PIXEL_CONVENTIONS
-from ..preprocess import ImagePreprocessor, check_targets
+from ..preprocess import build_preprocessor, check_targets
 from .config import check_dense_config
 from .head import RetinaNetHead
 from .iou_matcher import BACKGROUND, IGNORE, IoUMatcher
@@ -48,10 +47,7 @@ class DenseDetector(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.levels = tuple(int(lvl) for lvl in cfg.fpn.out_levels)
-        convention = PIXEL_CONVENTIONS[cfg.backbone.layout if cfg.backbone.name == "resnet" else "torchvision"]
-        self.preprocess = ImagePreprocessor(
-            cfg.pixel_mean or convention["pixel_mean"], cfg.pixel_std or convention["pixel_std"],
-            cfg.input_format or convention["input_format"], cfg.size_divisor)
+        self.preprocess = build_preprocessor(cfg)
         self.backbone = build_backbone(cfg.backbone, cfg.fpn)
         anchors = cfg.anchors
         self.anchor_generator = AnchorGenerator(

@@ -10,7 +10,7 @@ from typing import Optional
 from ...config import ConfigError
 from ..backbones import BackboneConfig, FPNConfig
 from ..csq import CSQConfig
-from ..querydet.config import RADIUS_MODES
+from ..querydet.config import check_query_cascade
 
 
 @dataclass
@@ -187,30 +187,4 @@ def check_faster_rcnn_config(cfg: FasterRCNNConfig) -> None:
         raise ConfigError("model.roi_heads: score_threshold must be in [0, 1), nms_threshold in (0, 1], "
                           "max_detections >= 1")
 
-    q_levels = tuple(query.levels)
-    if [lvl for lvl in q_levels if lvl not in levels] or len(set(q_levels)) != len(q_levels):
-        raise ConfigError(f"model.query.levels {list(q_levels)} must be distinct RPN levels "
-                          f"(model.fpn.out_levels = {list(levels)})")
-    for name in ("small_object_bounds", "radius_scale"):
-        if len(getattr(query, name)) != len(q_levels):
-            raise ConfigError(f"model.query.{name} has {len(getattr(query, name))} entries but model.query.levels "
-                              f"has {len(q_levels)}: give one per query level")
-    if query.radius_mode not in RADIUS_MODES:
-        raise ConfigError(f"model.query.radius_mode must be one of {RADIUS_MODES}, got {query.radius_mode!r}")
-    if not csq.enabled:
-        return
-    if not q_levels:
-        raise ConfigError("model.csq.enabled needs the RPN's query branch, but model.query.levels is empty")
-    if csq.start_level not in q_levels:
-        raise ConfigError(f"model.csq.start_level P{csq.start_level} has no trained query output: it must be one "
-                          f"of model.query.levels {list(q_levels)}")
-    sparse = sorted(lvl for lvl in levels if lvl < csq.start_level)
-    if not sparse:
-        raise ConfigError(f"model.csq.start_level P{csq.start_level} has no RPN level below it "
-                          f"(model.fpn.out_levels = {list(levels)}): nothing to query")
-    if sparse != list(range(sparse[0], csq.start_level)):
-        raise ConfigError(f"model.csq: the RPN levels below model.csq.start_level must be consecutive, got {sparse}")
-    unqueried = [lvl for lvl in sparse[1:] if lvl not in q_levels]
-    if unqueried:
-        raise ConfigError(f"model.csq: the cascade from P{csq.start_level} passes through levels {unqueried}, whose "
-                          f"query output is not trained (add them to model.query.levels = {list(q_levels)})")
+    check_query_cascade(levels, query, csq)

@@ -16,11 +16,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from ...layers.anchors import AnchorGenerator
 from ...layers.box_coder import BoxCoder
 from ..backbones import build_backbone
-from ..backbones.build import PIXEL_CONVENTIONS
 from ..csq import cascade_sparse_query
 from ..dense.iou_matcher import IoUMatcher
 from ..dense.losses import query_loss
-from ..preprocess import ImagePreprocessor, check_targets, rescale_boxes
+from ..preprocess import build_preprocessor, check_targets, rescale_boxes
 from ..querydet.query_targets import query_targets
 from .config import FasterRCNNConfig, check_faster_rcnn_config
 from .proposals import RPNLevelOutputs, select_proposals
@@ -51,10 +50,7 @@ class FasterRCNN(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.levels = tuple(int(lvl) for lvl in cfg.fpn.out_levels)
-        convention = PIXEL_CONVENTIONS[cfg.backbone.layout if cfg.backbone.name == "resnet" else "torchvision"]
-        self.preprocess = ImagePreprocessor(
-            cfg.pixel_mean or convention["pixel_mean"], cfg.pixel_std or convention["pixel_std"],
-            cfg.input_format or convention["input_format"], cfg.size_divisor)
+        self.preprocess = build_preprocessor(cfg)
         self.backbone = build_backbone(cfg.backbone, cfg.fpn)
         rpn = cfg.rpn
         self.anchor_generator = AnchorGenerator(self.levels, [(float(s),) for s in rpn.anchor_sizes],

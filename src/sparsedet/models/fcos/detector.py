@@ -9,11 +9,10 @@ from torch import Tensor, nn
 
 from ...layers.conv_tower import ConvTower
 from ..backbones import build_backbone
-from ..backbones.build import PIXEL_CONVENTIONS
 from ..csq import cascade_sparse_query
 from ..dense.head import init_query_tower
 from ..dense.losses import query_loss
-from ..preprocess import ImagePreprocessor, check_targets
+from ..preprocess import build_preprocessor, check_targets
 from ..querydet.query_targets import query_targets
 from .config import FCOSConfig, check_fcos_config, default_regression_ranges
 from .head import FCOSHead
@@ -47,10 +46,7 @@ class FCOS(nn.Module):
         self.num_classes = cfg.num_classes
         self.levels = tuple(int(lvl) for lvl in cfg.fpn.out_levels)
         self.strides = tuple(2 ** lvl for lvl in self.levels)
-        convention = PIXEL_CONVENTIONS[cfg.backbone.layout if cfg.backbone.name == "resnet" else "torchvision"]
-        self.preprocess = ImagePreprocessor(
-            cfg.pixel_mean or convention["pixel_mean"], cfg.pixel_std or convention["pixel_std"],
-            cfg.input_format or convention["input_format"], cfg.size_divisor)
+        self.preprocess = build_preprocessor(cfg)
         self.backbone = build_backbone(cfg.backbone, cfg.fpn)
         self.head = FCOSHead(self.backbone.out_channels, cfg.num_classes, self.strides, cfg.head.num_convs,
                              cfg.head.prior_prob, cfg.head.box_activation)

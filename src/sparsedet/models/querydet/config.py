@@ -103,8 +103,18 @@ class QueryDetConfig(RetinaNetConfig):
 
 def check_querydet_config(cfg: QueryDetConfig) -> None:
     """Raises ``ConfigError`` naming the field for inconsistent ``model.query`` / ``model.csq``."""
-    levels = tuple(cfg.fpn.out_levels)
-    query = cfg.query
+    check_query_cascade(tuple(cfg.fpn.out_levels), cfg.query, cfg.csq)
+    if cfg.query.levels and cfg.query.num_convs < 0:
+        raise ConfigError(f"model.query.num_convs must be >= 0, got {cfg.query.num_convs}")
+
+
+def check_query_cascade(levels: tuple, query, csq: CSQConfig) -> None:
+    """``model.query`` and ``model.csq`` against a model's levels (detection levels, or an RPN's):
+    the checks every model with a query head shares (QueryDet, QueryDet-FCOS, the CSQ RPN).
+
+    Raises:
+        ConfigError: naming the field.
+    """
     q_levels = tuple(query.levels)
     missing = [lvl for lvl in q_levels if lvl not in levels]
     if missing:
@@ -118,11 +128,7 @@ def check_querydet_config(cfg: QueryDetConfig) -> None:
                               f"has {len(q_levels)}: give one per query level")
     if query.radius_mode not in RADIUS_MODES:
         raise ConfigError(f"model.query.radius_mode must be one of {RADIUS_MODES}, got {query.radius_mode!r}")
-    if q_levels and query.num_convs < 0:
-        raise ConfigError(f"model.query.num_convs must be >= 0, got {query.num_convs}")
-
-    csq = cfg.csq  # its own fields are checked by CSQConfig itself
-    if not csq.enabled:
+    if not csq.enabled:  # CSQConfig checks its own fields
         return
     if not q_levels:
         raise ConfigError("model.csq.enabled needs a query head, but model.query.levels is empty")

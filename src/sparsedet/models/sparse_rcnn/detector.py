@@ -9,10 +9,9 @@ from torch import Tensor, nn
 
 from ...config import ConfigError
 from ..backbones import build_backbone
-from ..backbones.build import PIXEL_CONVENTIONS
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
-from ..preprocess import ImagePreprocessor, check_targets, rescale_boxes
+from ..preprocess import build_preprocessor, check_targets, rescale_boxes
 from .config import SparseRCNNConfig
 from .head import DynamicHead
 
@@ -54,10 +53,7 @@ class SparseRCNN(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.num_proposals = cfg.num_proposals
-        convention = PIXEL_CONVENTIONS[cfg.backbone.layout if cfg.backbone.name == "resnet" else "torchvision"]
-        self.preprocess = ImagePreprocessor(
-            cfg.pixel_mean or convention["pixel_mean"], cfg.pixel_std or convention["pixel_std"],
-            cfg.input_format or convention["input_format"], cfg.size_divisor)
+        self.preprocess = build_preprocessor(cfg)
         self.backbone = build_backbone(cfg.backbone, cfg.fpn)
         if self.backbone.out_channels != cfg.hidden_dim:
             raise ConfigError(f"model.fpn.channels ({self.backbone.out_channels}) must equal model.hidden_dim ({cfg.hidden_dim})")
