@@ -156,6 +156,11 @@ def test_bad_configs_are_clear_errors(tmp_path, tiny_data):
         Trainer(config, tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(tiny_config(tiny_data), tmp_path / "empty", resume=True)
+    config = tiny_config(tiny_data)
+    config["model"]["num_proposal"] = 5
+    config["data"]["train"]["annotations"] = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="model.num_proposal .*did you mean model.num_proposals"):
+        Trainer(config, tmp_path)  # the model typo is reported before the data is read
 
 
 def test_gradient_accumulation_matches_the_full_batch_first_step(tmp_path, tiny_data, single_thread):

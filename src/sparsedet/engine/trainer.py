@@ -41,6 +41,7 @@ from ..config import ConfigError
 from ..data import TrainingBatchSampler, TransformedDataset, build_transforms, collate, read_dataset
 from ..evaluation import EvaluationResult
 from ..models import build_model
+from ..models.build import model_config
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean, any_process, init_distributed
 from .evaluate import evaluate_model
 from .metrics_log import MetricsLog
@@ -77,6 +78,7 @@ class Trainer:
         self._check_solver()
         self._stop_requested = False
 
+        model_config(self.config)  # a typo in model.* fails now, not after reading the data
         data_cfg = self.config.get("data") or {}
         if not data_cfg.get("train"):
             raise ConfigError("the config has no data.train section: say what to train on, e.g. "

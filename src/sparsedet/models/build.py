@@ -35,13 +35,25 @@ def build_model(config: Union[str, Path, Mapping], overrides: Optional[Union[Ite
         The detector, in training mode, with the resolved config dict as ``model.config``.
     """
     full = load_config(config, overrides)
+    model_cls = MODELS[_model_name(full, config)][1]
+    model = model_cls(model_config(full))
+    model.config = full
+    return model
+
+
+def model_config(config: Mapping):
+    """The typed ``model:`` section of a resolved config (no weights built: cheap). Raises
+    ``ConfigError`` for an unknown model name or key, so the trainer can check a config before it
+    spends time reading data."""
+    config_cls = MODELS[_model_name(config, "<dict>")][0]
+    return from_dict(config_cls, config["model"], "model")
+
+
+def _model_name(full: Mapping, source) -> str:
     section = full.get("model")
     if not isinstance(section, Mapping) or "name" not in section:
-        raise ConfigError(f"config {config if not isinstance(config, Mapping) else '<dict>'} has no model.name")
+        raise ConfigError(f"config {source if not isinstance(source, Mapping) else '<dict>'} has no model.name")
     name = section["name"]
     if name not in MODELS:
         raise ConfigError(f"model.name {name!r} is not one of {sorted(MODELS)}")
-    config_cls, model_cls = MODELS[name]
-    model = model_cls(from_dict(config_cls, section, "model"))
-    model.config = full
-    return model
+    return name
