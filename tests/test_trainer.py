@@ -141,6 +141,7 @@ def test_stop_request_saves_and_resume_continues(tmp_path, tiny_data, single_thr
 
     trainer._step = step
     trainer.train()
+    assert trainer.stopped_early and trainer.iteration == 2
     assert torch.load(tmp_path / "last.pth", weights_only=True)["iteration"] == 2
     Trainer(tiny_config(tiny_data), tmp_path, resume=True, progress=False).train()
     assert torch.load(tmp_path / "last.pth", weights_only=True)["iteration"] == 6
@@ -212,8 +213,11 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_data):
 def test_cli_train_eval_predict_end_to_end(tmp_path, tiny_data, single_thread, capsys):
     config = _write_config(tmp_path / "tiny.yaml", tiny_data, max_iter=2)
     out = tmp_path / "run"
-    assert main(["train", str(config), "solver.max_iter=2", "--output", str(out), "--no-progress"]) == 0
+    assert main(["train", str(config), "--output", str(out), "--no-progress", "solver.max_iter=2"]) == 0
     assert (out / "last.pth").is_file() and (out / "metrics.jsonl").is_file() and (out / "train.log").is_file()
+    # Overrides may follow options, `--resume KEY=VALUE` included: training continues to 3 steps.
+    assert main(["train", str(config), "--output", str(out), "--resume", "solver.max_iter=3", "--no-progress"]) == 0
+    assert torch.load(out / "last.pth", weights_only=True)["iteration"] == 3
     assert main(["eval", str(out / "last.pth"), "--output", str(tmp_path / "eval")]) == 0
     printed = capsys.readouterr().out
     assert "AP" in printed and (tmp_path / "eval" / "results.json").is_file()
@@ -235,3 +239,5 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "sparse_rcnn/r50_fpn_100pro_3x", "not-an-override"])
+    with pytest.raises(SystemExit):
+        main(["configs", "model.num_classes=3"])

@@ -42,10 +42,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
     setup_logging(output / "train.log", main_process=ctx.is_main)
     config = load_config(args.config, args.overrides)
-    result = Trainer(config, output, resume=args.resume, device=args.device, progress=not args.no_progress).train()
+    trainer = Trainer(config, output, resume=args.resume, device=args.device, progress=not args.no_progress)
+    result = trainer.train()
     if ctx.is_main:
         print(f"outputs in {output}/ (last.pth, best.pth, metrics.jsonl, tensorboard/)")
-        if result is not None:
+        if trainer.stopped_early:
+            print(f"stopped at iteration {trainer.iteration}: continue with --resume")
+        elif result is not None:
             print(f"final AP {100 * result.stats['AP']:.1f} (AP50 {100 * result.stats['AP50']:.1f})")
     return 0
 
@@ -259,10 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come anywhere, also after options (argparse alone only takes them before).
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    stray = [item for item in extra if not _OVERRIDE.match(item)]
+    if stray or (extra and args.command not in ("train", "eval", "predict")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if args.command == "train" and isinstance(args.resume, str) and _OVERRIDE.match(args.resume):
+        extra.insert(0, args.resume)  # `--resume KEY=VALUE`: the override is not a checkpoint path
+        args.resume = True
+    if args.command in ("train", "eval"):
+        args.overrides = list(args.overrides) + extra
+    elif args.command == "predict":
+        args.inputs = list(args.inputs) + extra
     if args.command == "predict":
         args.overrides, args.inputs = _split_overrides(args.inputs)
         if not args.inputs:

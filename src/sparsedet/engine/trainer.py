@@ -77,6 +77,7 @@ class Trainer:
         self.solver = {**SOLVER_DEFAULTS, **(self.config.get("solver") or {})}
         self._check_solver()
         self._stop_requested = False
+        self.stopped_early = False  # set when a stop request (Ctrl-C) ended train() before max_iter
 
         model_config(self.config)  # a typo in model.* fails now, not after reading the data
         data_cfg = self.config.get("data") or {}
@@ -224,7 +225,8 @@ class Trainer:
             tqdm.write("interrupt: finishing this step and saving last.pth (press Ctrl-C again to abort)")
 
     def train(self) -> Optional[EvaluationResult]:
-        """Runs until ``solver.max_iter``; returns the final evaluation (None without data.val)."""
+        """Runs until ``solver.max_iter`` (or a stop request); returns the last evaluation (None
+        without data.val or when none ran)."""
         s = self.solver
         max_iter, accumulate = int(s["max_iter"]), int(s["accumulate_steps"])
         previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
@@ -262,6 +264,7 @@ class Trainer:
                 if self._due("checkpoint_period") or at_end:
                     self.save_checkpoint()
                 if any_process(self._stop_requested, self.ctx.device):
+                    self.stopped_early = True
                     self.save_checkpoint()
                     if self.ctx.is_main:
                         log.info("stopped at iteration %d; continue with --resume", self.iteration)
