@@ -68,6 +68,22 @@ def build_preprocessor(cfg) -> ImagePreprocessor:
                              cfg.input_format or convention["input_format"], cfg.size_divisor)
 
 
+def preprocess_inputs(model: nn.Module, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
+                      original_sizes: Optional[Sequence[tuple[int, int]]] = None) -> tuple[Tensor, list[tuple[int, int]]]:
+    """The input half of every detector's ``forward``: ``model.preprocess`` the images, then check the
+    targets (training) or the ``original_sizes`` (inference) against them.
+
+    Returns:
+        batch (B, 3, H_pad, W_pad) and the B un-padded (H, W).
+    """
+    batch, image_sizes = model.preprocess(images)
+    if model.training:
+        check_targets(targets, len(images), model.num_classes, image_sizes)
+    elif original_sizes is not None and len(original_sizes) != len(image_sizes):
+        raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images")
+    return batch, image_sizes
+
+
 def check_images(images) -> None:
     """Raises ``TypeError``/``ValueError`` naming the bad image when ``images`` is not a non-empty
     list of (3, H, W) float or uint8 tensors."""

@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 from ...layers.anchors import AnchorGenerator, octave_sizes
 from ...layers.box_coder import BoxCoder
 from ..backbones import build_backbone
-from ..preprocess import build_preprocessor, check_targets
+from ..preprocess import build_preprocessor, preprocess_inputs
 from .config import check_dense_config
 from .head import RetinaNetHead
 from .iou_matcher import BACKGROUND, IGNORE, IoUMatcher
@@ -65,14 +65,10 @@ class DenseDetector(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
-        batch, image_sizes = self.preprocess(images)
-        if self.training:
-            check_targets(targets, len(images), self.num_classes, image_sizes)
+        batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
         features = self.backbone(batch)
         if self.training:
             return self.compute_losses(features, targets, image_sizes)
-        if original_sizes is not None and len(original_sizes) != len(image_sizes):
-            raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images")
         per_image_levels = self.inference_levels(features, image_sizes)
         return self.postprocess(per_image_levels, image_sizes, original_sizes)
 

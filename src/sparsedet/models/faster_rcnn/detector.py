@@ -19,7 +19,7 @@ from ..backbones import build_backbone
 from ..csq import cascade_sparse_query
 from ..dense.iou_matcher import IoUMatcher
 from ..dense.losses import query_loss
-from ..preprocess import build_preprocessor, check_targets, rescale_boxes
+from ..preprocess import build_preprocessor, preprocess_inputs, rescale_boxes
 from ..querydet.query_targets import query_targets
 from .config import FasterRCNNConfig, check_faster_rcnn_config
 from .proposals import RPNLevelOutputs, select_proposals
@@ -79,14 +79,10 @@ class FasterRCNN(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
-        batch, image_sizes = self.preprocess(images)
-        if self.training:
-            check_targets(targets, len(images), self.num_classes, image_sizes)
+        batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
         features = self.backbone(batch)
         if self.training:
             return self.compute_losses(features, targets, image_sizes)
-        if original_sizes is not None and len(original_sizes) != len(image_sizes):
-            raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images")
         per_image_levels = self._csq_rpn_levels(features) if self.cfg.csq.enabled else self.dense_rpn_levels(features)
         proposals = self.proposals(per_image_levels, image_sizes)
         detections, _ = self.roi_heads(self._roi_features(features), [p[0] for p in proposals], list(image_sizes))

@@ -12,7 +12,7 @@ from ..backbones import build_backbone
 from ..csq import cascade_sparse_query
 from ..dense.head import init_query_tower
 from ..dense.losses import query_loss
-from ..preprocess import build_preprocessor, check_targets
+from ..preprocess import build_preprocessor, preprocess_inputs
 from ..querydet.query_targets import query_targets
 from .config import FCOSConfig, check_fcos_config, default_regression_ranges
 from .head import FCOSHead
@@ -65,14 +65,10 @@ class FCOS(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
-        batch, image_sizes = self.preprocess(images)
-        if self.training:
-            check_targets(targets, len(images), self.num_classes, image_sizes)
+        batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
         features = self.backbone(batch)
         if self.training:
             return self.compute_losses(features, targets)
-        if original_sizes is not None and len(original_sizes) != len(image_sizes):
-            raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images")
         per_image_levels = self._csq_inference(features) if self.cfg.csq.enabled else self.dense_levels(features)
         test = self.cfg.test
         return [fcos_postprocess_image(levels, test.topk_candidates, test.score_threshold, test.nms_threshold,

@@ -11,7 +11,7 @@ from ...config import ConfigError
 from ..backbones import build_backbone
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
-from ..preprocess import build_preprocessor, check_targets, rescale_boxes
+from ..preprocess import build_preprocessor, preprocess_inputs, rescale_boxes
 from .config import SparseRCNNConfig
 from .head import DynamicHead
 
@@ -71,9 +71,7 @@ class SparseRCNN(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
-        batch, image_sizes = self.preprocess(images)
-        if self.training:
-            check_targets(targets, len(images), self.num_classes, image_sizes)
+        batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
         features = list(self.backbone(batch).values())
         whwh = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=batch.dtype, device=batch.device)
         # Normalised (cx, cy, w, h) -> xyxy in each image's own un-padded pixels.
