@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed benchmark: QueryDet Cascade Sparse Query (CSQ) vs dense high-resolution inference.
 
-One run, same inputs, eval mode, ``torch.inference_mode()``, batch 1, ``--threads`` (default 2):
+One run, same inputs, eval mode, ``torch.inference_mode()``, batch ``--batch`` (default 1),
+``--threads`` (default 2):
 
 1. Whole-model latency at long side 1333 (``800x1333``) and 2000 (``1200x2000``), for the ResNet-50
    and MobileNetV2 backbones (``querydet/r50_fpn_1x_coco`` and ``retinanet/r50_fpn_1x_coco`` recipes,
@@ -39,6 +40,7 @@ Usage::
     .venv/bin/python benchmarks/querydet_speed.py             # full run (long: dense P2 at 2000 px)
     .venv/bin/python benchmarks/querydet_speed.py --sizes 800x1333 --backbones resnet50 --runs 5
     .venv/bin/python benchmarks/querydet_speed.py --device cuda
+    .venv/bin/python benchmarks/querydet_speed.py --device cuda --batch 8   # GPUs are launch-bound at batch 1
     .venv/bin/python benchmarks/querydet_speed.py --checkpoint querydet.pth --images val2017/ --max-images 50
 
 Exit status: 0 when every measured target passes, 1 otherwise.
@@ -241,21 +243,21 @@ def bench_models(args, build_model, device, clock) -> bool:
         torch.manual_seed(args.seed)
         retina = build_model("retinanet/r50_fpn_1x_coco", COMMON + BACKBONES[backbone]).eval().to(device)
         for size in args.sizes:
-            print(f"\n--- {backbone}, {size[0]}x{size[1]} (HxW) ---")
-            image = random_image(size, args.seed).to(device)
-            features, sizes = pair.features([image])
+            print(f"\n--- {backbone}, {size[0]}x{size[1]} (HxW), batch {args.batch} ---")
+            images = [random_image(size, args.seed + i).to(device) for i in range(args.batch)]
+            features, sizes = pair.features(images)
             share = pair.calibrate(features, args.share)
             print(f"query bias {float(pair.bias.detach()):+.4g} -> CSQ evaluates {100 * share:.2f} % of P2+P3 positions "
                   f"(target {100 * args.share:.1f} %)")
             fns = {
-                "QueryDet dense-P2": lambda: pair.run([image], csq=False),
-                "QueryDet CSQ": lambda: pair.run([image], csq=True),
-                "RetinaNet (P3-P7)": torch.inference_mode()(lambda: retina([image])),
+                "QueryDet dense-P2": lambda: pair.run(images, csq=False),
+                "QueryDet CSQ": lambda: pair.run(images, csq=True),
+                "RetinaNet (P3-P7)": torch.inference_mode()(lambda: retina(images)),
             }
             if backbone == "resnet50" and not args.skip_torchvision:
                 tv = build_tv_retinanet(size, device)
-                tv_image = image / 255.0
-                fns["torchvision RetinaNet"] = torch.inference_mode()(lambda: tv([tv_image]))
+                tv_images = [image / 255.0 for image in images]
+                fns["torchvision RetinaNet"] = torch.inference_mode()(lambda: tv(tv_images))
             whole = median_times(fns, args.warmup, args.runs, clock)
             stats = pair.model.last_csq.stats()
             head = median_times({"dense-P2": lambda: pair.head_and_post(features, sizes, csq=False),
@@ -304,8 +306,8 @@ def bench_sweep(args, build_model, device, clock) -> None:
     print(f"\n=== 3. Speed-up vs share of P2+P3 positions evaluated ({backbone}, {size[0]}x{size[1]}, "
           f"head + post-processing) ===")
     pair = QueryDetPair(build_model, backbone, device, args.seed)
-    image = random_image(size, args.seed).to(device)
-    features, sizes = pair.features([image])
+    images = [random_image(size, args.seed + i).to(device) for i in range(args.batch)]
+    features, sizes = pair.features(images)
     dense = med(median_times({"d": lambda: pair.head_and_post(features, sizes, csq=False)},
                              args.warmup, args.runs, clock)["d"])
     print(f"dense-P2 head+post: {dense * 1000:.1f} ms")
@@ -395,6 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="a trained QueryDet checkpoint: measure it instead of random models")
     p.add_argument("--images", help="with --checkpoint: a folder of images")
     p.add_argument("--max-images", type=int, default=20, help="with --images: at most this many (default 20)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per call in sections 1-3 (default 1; the share is over the whole batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-passive", action="store_true",
                    help="set OMP_WAIT_POLICY=PASSIVE (for machines shared with other CPU jobs)")
@@ -410,6 +414,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown backbones {unknown}; choose from {sorted(BACKBONES)}")
     args.sweep = [float(s) for s in args.sweep.split(",") if s]
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -432,7 +438,7 @@ def main(argv=None) -> int:
     else:
         build_model = import_build_model()
         if not args.skip_models:
-            print(f"\n=== 1-2. Latency (batch 1, {args.warmup} warm-up + median of {args.runs} runs) ===")
+            print(f"\n=== 1-2. Latency (batch {args.batch}, {args.warmup} warm-up + median of {args.runs} runs) ===")
             ok = bench_models(args, build_model, device, clock)
         if not args.skip_sweep:
             bench_sweep(args, build_model, device, clock)

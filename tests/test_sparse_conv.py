@@ -6,11 +6,13 @@ layer keeps unit variance; default PyTorch init would shrink them and make any t
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from sparsedet.layers import sparse_conv
 from sparsedet.layers.conv_tower import ConvTower
 from sparsedet.layers.sparse_conv import (
     ActiveSet, SpconvTower, build_active_set, gather_sites, masked_dense_tower, query_children,
@@ -291,6 +293,29 @@ def test_stacked_towers_equal_one_by_one(context):
     empty = build_active_set(torch.zeros(0, 3, dtype=torch.long), (2, 20, 20), context)
     assert [[o.shape for o in outs] for outs in sparse_towers(towers[:2], torch.zeros(0, 8), empty)] == \
         [[(0, 6)], [(0, 4), (0, 1)]]
+
+
+def test_views_sharing_one_trunk_run_it_once(monkeypatch):
+    """Views of one tower with different predictors (the RPN's query and objectness/deltas views)
+    share the trunk computation; results are those of the whole tower, with autograd on or off."""
+    tower = make_tower(out=(6, 4, 1), seed=7)
+    views = [SimpleNamespace(subnet=tower.subnet, predictors=[tower.predictors[0], tower.predictors[1]]),
+             SimpleNamespace(subnet=tower.subnet, predictors=[tower.predictors[2]])]
+    feats = torch.randn(2, 8, 16, 16)
+    children = query_children(torch.tensor([[0, 2, 3], [1, 5, 5]]), (2, 16, 16))
+    active = build_active_set(children, (2, 16, 16), 5)
+    x = gather_sites(feats, active.indices)
+    ref = [at(r, children) for r in masked_dense_tower(tower, feats, active.mask())]
+    trunk_counts = []
+    stacked = sparse_conv._stacked_trunk
+    monkeypatch.setattr(sparse_conv, "_stacked_trunk",
+                        lambda group, *a, **k: trunk_counts.append(len(group)) or stacked(group, *a, **k))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            (obj, dl), (query,) = sparse_towers(views, x, active)
+        for g, r in zip((obj, dl, query), ref):
+            torch.testing.assert_close(g.detach(), r, atol=ATOL, rtol=RTOL)
+    assert trunk_counts == [1]    # the stacked (inference) path ran one trunk for both views
 
 
 def test_stacked_weight_cache_is_per_group_and_follows_updates():

@@ -276,9 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in ("train", "eval"):
         args.overrides = list(args.overrides) + extra
     elif args.command == "predict":
-        args.inputs = list(args.inputs) + extra
-    if args.command == "predict":
-        args.overrides, args.inputs = _split_overrides(args.inputs)
+        args.overrides, args.inputs = _split_overrides(list(args.inputs) + extra)
         if not args.inputs:
             parser.error("predict needs at least one image, folder or glob")
     if args.command in ("train", "eval"):

@@ -410,6 +410,8 @@ def sparse_towers(towers: Sequence[nn.Module], x: Tensor, active: ActiveSet, row
     weights (they read the same gathered input), and every later layer is one gather and one batched
     matmul for all of them. That divides the number of kernel launches by the number of towers,
     which is what bounds CSQ's speed on a GPU (a few thousand active rows are microseconds of math).
+    Towers that share their trunk modules (views of one tower with different predictors, like the
+    RPN's query and objectness/deltas views) run that trunk once.
 
     Returns:
         Per tower, one (len(rows), C_i) tensor per predictor.
@@ -430,19 +432,28 @@ def sparse_towers(towers: Sequence[nn.Module], x: Tensor, active: ActiveSet, row
                 out[i] = [x.new_zeros(0, p.out_channels) for p in towers[i].predictors]
             continue
         needed = needed_rows(active, rows, group[0]) if prune else [None] * len(trunk)
+        # One trunk per distinct set of trunk modules; member k reads trunk trunk_of[k].
+        trunk_ids: dict = {}
+        trunk_of = [trunk_ids.setdefault(tuple(map(id, tower.subnet)), len(trunk_ids)) for tower in group]
+        distinct = [group[trunk_of.index(t)] for t in range(len(trunk_ids))]
         # The stacked path writes into preallocated buffers (inference); with autograd on, one by one.
-        grad = torch.is_grad_enabled() and any(p.requires_grad for t in group for p in t.parameters())
+        grad = torch.is_grad_enabled() and any(p.requires_grad for t in group for p in _tower_parameters(t))
         if len(group) == 1 or not trunk or grad:
             for i in members:
                 out[i] = sparse_tower(towers[i], x, active, rows, chunk_rows=chunk_rows, prune=prune, needed=needed)
             continue
-        feats = _stacked_trunk(group, x, active, needed, chunk_rows)          # (T, N + 1, C)
+        feats = _stacked_trunk(distinct, x, active, needed, chunk_rows)       # (T, N + 1, C)
         # Predictors: only at `rows`; the trunk outputs already end with the zero row, so the
         # neighbour rows index them directly (one neighbour lookup shared by every predictor).
         nbr = active.neighbors.index_select(0, rows)
-        for t, i in enumerate(members):
+        for t, i in zip(trunk_of, members):
             out[i] = [_predict(feats[t], nbr, rows, p) for p in towers[i].predictors]
     return out
+
+
+def _tower_parameters(tower) -> list[Tensor]:
+    """Parameters of a tower's convs (also for tower views that are not ``nn.Module``s)."""
+    return [p for conv in list(tower.subnet) + list(tower.predictors) for p in conv.parameters()]
 
 
 def _predict(padded: Tensor, nbr: Tensor, rows: Tensor, conv: nn.Conv2d) -> Tensor:

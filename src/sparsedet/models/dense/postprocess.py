@@ -4,11 +4,14 @@ The unit of work is a *level*: ``(logits (R, K), deltas (R, 4), anchors (R, 4))`
 R = number of anchor rows. A dense level has R = H * W * A; a Cascade Sparse Query level holds only
 the anchors of its queried positions (R = n * A). Both go through the same code:
 
-1. ``level_candidates``: sigmoid, keep the top min(topk, R) (anchor, class) scores, drop those
-   ``<= score_threshold``, decode their boxes;
-2. ``merge_detections``: concatenate all levels, one class-aware NMS, keep ``max_detections``;
-3. rescale to the original image size, clip, drop empty boxes.
+1. ``level_candidates``: the top min(topk, R) (anchor, class) scores of the level, decoded;
+2. ``merge_detections``: concatenate all levels, drop scores ``<= score_threshold``, one
+   class-aware NMS, keep ``max_detections``, rescale to the original image size, clip, drop empty
+   boxes.
 
+Taking the top-k before the threshold gives the same set as detectron2's threshold-then-top-k (when
+more than k scores pass, the top k all pass), and lets every level of an image share one threshold
+filter: a boolean filter synchronises a GPU with the host, so one per image instead of one per level.
 Everything runs in fp32, whatever the head's dtype under autocast.
 """
 from __future__ import annotations
@@ -37,37 +40,38 @@ class Candidates(NamedTuple):
     labels: Tensor   # (n,) int64
 
 
-def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: int,
-                     score_threshold: float) -> Candidates:
-    """Per-level selection (spec §1.6 steps 1-4).
+def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: int) -> Candidates:
+    """The level's top min(topk, R) (anchor, class) pairs by score, decoded (spec §1.6 steps 1-4,
+    without the score threshold, which ``merge_detections`` applies to all levels at once).
 
     The cap is ``min(topk_candidates, R)`` with R the number of anchor rows (not R * K): this is
-    detectron2 0.4's rule, which the official QueryDet numbers were produced with.
+    detectron2 0.4's rule, which the official QueryDet numbers were produced with. The selection runs
+    on the logits (sigmoid is increasing), so only the k selected scores go through the sigmoid: a
+    dense P2 level has tens of millions of logits.
     """
     logits, deltas, anchors = level
     num_rows, num_classes = logits.shape
-    scores = logits.float().sigmoid().flatten()
-    num_topk = min(int(topk_candidates), num_rows)
-    scores, flat_index = scores.topk(num_topk)  # sorted, descending
-    keep = scores > score_threshold
-    scores, flat_index = scores[keep], flat_index[keep]
+    top_logits, flat_index = logits.flatten().topk(min(int(topk_candidates), num_rows))  # sorted, descending
     rows = torch.div(flat_index, num_classes, rounding_mode="floor")
-    labels = flat_index % num_classes
-    boxes = box_coder.decode(deltas[rows].float(), anchors[rows].float())
-    return Candidates(boxes, scores, labels)
+    boxes = box_coder.decode(deltas.index_select(0, rows).float(), anchors.index_select(0, rows).float())
+    return Candidates(boxes, top_logits.float().sigmoid(), flat_index % num_classes)
 
 
-def merge_detections(candidates: Sequence[Candidates], nms_threshold: float, max_detections: int,
-                     image_size: tuple[int, int], original_size: Optional[tuple[int, int]] = None) -> dict:
+def merge_detections(candidates: Sequence[Candidates], score_threshold: float, nms_threshold: float,
+                     max_detections: int, image_size: tuple[int, int],
+                     original_size: Optional[tuple[int, int]] = None) -> dict:
     """All levels' candidates of one image -> ``{"boxes" (K, 4), "scores" (K,), "labels" (K,)}``.
 
-    One class-aware NMS over all levels (torchvision ``batched_nms``), keep the ``max_detections``
-    best, map from the network input's ``image_size`` (H, W) to ``original_size`` (per-axis scale;
-    ``None`` = stay in input pixels), clip to it, and drop boxes with zero width or height.
+    Keep the scores ``> score_threshold``, one class-aware NMS over all levels (torchvision
+    ``batched_nms``), keep the ``max_detections`` best, map from the network input's ``image_size``
+    (H, W) to ``original_size`` (per-axis scale; ``None`` = stay in input pixels), clip to it, and drop
+    boxes with zero width or height.
     """
-    boxes = torch.cat([c.boxes for c in candidates])
     scores = torch.cat([c.scores for c in candidates])
-    labels = torch.cat([c.labels for c in candidates])
+    keep = (scores > score_threshold).nonzero().squeeze(1)
+    boxes = torch.cat([c.boxes for c in candidates]).index_select(0, keep)
+    labels = torch.cat([c.labels for c in candidates]).index_select(0, keep)
+    scores = scores.index_select(0, keep)
     keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]  # sorted by score
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     boxes = rescale_boxes(boxes, tuple(image_size), None if original_size is None else tuple(original_size))
@@ -81,6 +85,5 @@ def postprocess_image(levels: Sequence[LevelOutputs], box_coder: BoxCoder, topk_
     """``level_candidates`` on every level, then ``merge_detections``."""
     if not levels:
         raise ValueError("postprocess_image needs at least one level")
-    candidates = [level_candidates(LevelOutputs(*level), box_coder, topk_candidates, score_threshold)
-                  for level in levels]
-    return merge_detections(candidates, nms_threshold, max_detections, image_size, original_size)
+    candidates = [level_candidates(LevelOutputs(*level), box_coder, topk_candidates) for level in levels]
+    return merge_detections(candidates, score_threshold, nms_threshold, max_detections, image_size, original_size)

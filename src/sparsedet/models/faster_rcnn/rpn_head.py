@@ -16,8 +16,8 @@ class TowerView:
 
     Why: ``cascade_sparse_query`` takes the query tower and the value towers separately, while the RPN
     has one trunk feeding all three predictors. Passing ``view([query])`` and ``view([objectness,
-    deltas])`` lets the generic driver run it (at a sparse level that is not the last one the trunk is
-    then evaluated twice on the same active set; see the report / ``FasterRCNN._csq_proposals``).
+    deltas])`` lets the generic driver run it; ``sparse_towers`` sees that both views hold the same
+    trunk modules and evaluates the trunk once per active set.
     """
 
     def __init__(self, tower: ConvTower, predictor_indices: Sequence[int]):

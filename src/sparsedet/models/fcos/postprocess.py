@@ -21,19 +21,17 @@ class FCOSLevelOutputs(NamedTuple):
     points: Tensor      # (R, 2) (x, y) pixels
 
 
-def fcos_level_candidates(level: FCOSLevelOutputs, topk_candidates: int, score_threshold: float) -> Candidates:
+def fcos_level_candidates(level: FCOSLevelOutputs, topk_candidates: int) -> Candidates:
     """score = sqrt(sigmoid(cls) * sigmoid(centerness)) per (point, class) (detectron2's FCOS); keep the
-    top min(topk, R) scores, then those > ``score_threshold`` (= the top-k of those above it); decode
-    box = (x - l, y - t, x + r, y + b)."""
+    top min(topk, R) scores (``merge_detections`` then drops those <= the score threshold: the same
+    set as the top-k of those above it); decode box = (x - l, y - t, x + r, y + b)."""
     logits, ltrb, centerness, points = level
     num_rows, num_classes = logits.shape
     scores = (logits.float().sigmoid() * centerness.float().sigmoid()[:, None]).sqrt().flatten()
     scores, flat_index = scores.topk(min(int(topk_candidates), num_rows))
-    keep = scores > score_threshold
-    scores, flat_index = scores[keep], flat_index[keep]
     rows = torch.div(flat_index, num_classes, rounding_mode="floor")
     labels = flat_index % num_classes
-    d, p = ltrb[rows].float(), points[rows].float()
+    d, p = ltrb.index_select(0, rows).float(), points.index_select(0, rows).float()
     boxes = torch.stack((p[:, 0] - d[:, 0], p[:, 1] - d[:, 1], p[:, 0] + d[:, 2], p[:, 1] + d[:, 3]), dim=1)
     return Candidates(boxes, scores, labels)
 
@@ -44,5 +42,5 @@ def fcos_postprocess_image(levels: Sequence[FCOSLevelOutputs], topk_candidates: 
     """``fcos_level_candidates`` on every level, then one class-aware NMS (``merge_detections``)."""
     if not levels:
         raise ValueError("fcos_postprocess_image needs at least one level")
-    candidates = [fcos_level_candidates(FCOSLevelOutputs(*lv), topk_candidates, score_threshold) for lv in levels]
-    return merge_detections(candidates, nms_threshold, max_detections, image_size, original_size)
+    candidates = [fcos_level_candidates(FCOSLevelOutputs(*lv), topk_candidates) for lv in levels]
+    return merge_detections(candidates, score_threshold, nms_threshold, max_detections, image_size, original_size)
