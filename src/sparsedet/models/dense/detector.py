@@ -2,7 +2,7 @@
 
 Pipeline: pre-process -> backbone + FPN -> shared class / box towers on every detection level ->
 (training) IoU matching of all levels' anchors jointly, focal + smooth-L1 losses; (inference)
-per-level top-k / threshold / decode, one class-aware NMS.
+per-level top-k and decode, then one score threshold and one class-aware NMS per image.
 """
 from __future__ import annotations
 
