@@ -7,11 +7,38 @@ Python API::
     model = sparsedet.load("r50_100pro_3x_model.pth")        # ours, or official via the converter
     detections = sparsedet.predict(model, ["image.jpg"])       # resizes to the test scale
     sparsedet.convert_checkpoint("sparse_rcnn", "official.pth", "converted.pth")
+
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import sparsedet`` and
+the command line's ``--help`` do not pay for importing torch and every model.
 """
-from .config import ConfigError, bundled_configs, load_config
-from .convert import convert_checkpoint
-from .inference import load, predict
-from .models import build_model
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "build_model", "bundled_configs", "convert_checkpoint", "load", "load_config", "predict"]
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "ConfigError": "config", "bundled_configs": "config", "load_config": "config",
+    "convert_checkpoint": "convert",
+    "load": "inference", "predict": "inference",
+    "build_model": "models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    try:  # sparsedet.engine, sparsedet.data, ...: submodules, as a regular package import would give
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

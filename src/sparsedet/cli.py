@@ -164,16 +164,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from .config import bundled_configs
+    from .config import bundled_configs, config_description
 
-    for name in bundled_configs():
-        print(name)
+    names = bundled_configs()
+    if args.markdown:  # README's config table
+        print("| config | what |\n|---|---|")
+        for name in names:
+            print(f"| `{name}` | {config_description(name).rstrip('.')} |")
+        return 0
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {config_description(name)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _converter_names() -> list[str]:
+    from .convert import CONVERTERS  # imports torch: only when the convert command is used
+
+    return sorted(CONVERTERS)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser. ``command`` is the sub-command about to run, when known: only
+    ``convert`` needs the converter registry (it imports torch), everything else parses without
+    importing torch, so that ``--help``, ``--version`` and ``configs`` answer at once."""
     from . import __version__
-    from .convert import CONVERTERS
 
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -250,18 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Maps every key of an official checkpoint (.pth state_dict or {'model': ...}, or "
                     "detectron2 .pkl) onto sparsedet's names, checks every shape, and writes a bare "
                     "state_dict that loads with torch.load(dst, weights_only=True).")
-    convert.add_argument("arch", choices=sorted(CONVERTERS), help="architecture of the checkpoint")
+    convert.add_argument("arch", choices=_converter_names() if command in (None, "convert") else None,
+                         help="architecture of the checkpoint")
     convert.add_argument("src", help="official checkpoint file")
     convert.add_argument("dst", help="output .pth file")
     convert.set_defaults(func=_cmd_convert)
 
-    configs = commands.add_parser("configs", help="list the bundled configs")
+    configs = commands.add_parser(
+        "configs", help="list the bundled configs, one line each", formatter_class=formatter,
+        description="Lists the bundled configs with a one-line description each (the first comment line "
+                    "of the YAML file). Use a name as CONFIG of train, e.g. `sparsedet train "
+                    "sparse_rcnn/mobilenetv2_fpn_cpu`.")
+    configs.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     configs.set_defaults(func=_cmd_configs)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> Optional[str]:
+    """The sub-command named in ``argv`` (its first non-option item), or None."""
+    return next((item for item in argv if not item.startswith("-")), None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv) or "")
     # Overrides may come anywhere, also after options (argparse alone only takes them before).
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -47,6 +47,14 @@ def bundled_configs() -> list[str]:
     return sorted(str(p.relative_to(CONFIG_ROOT).with_suffix("")) for p in CONFIG_ROOT.rglob("*.yaml"))
 
 
+def config_description(name_or_path: str | Path) -> str:
+    """The one-line description of a config: its file's first comment line (without ``#``), or
+    ``""`` when the file does not start with a comment."""
+    with resolve_config_path(name_or_path).open() as file:
+        first = file.readline().strip()
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A YAML path, or a bundled name with or without ``.yaml`` (``sparse_rcnn/r50_fpn_100pro_3x``)."""
     path = Path(name_or_path)
