@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped at iteration {trainer.iteration}: continue with --resume")
         elif result is not None:
             print(f"final AP {100 * result.stats['AP']:.1f} (AP50 {100 * result.stats['AP50']:.1f})")
-    return 0
+    return 130 if trainer.stopped_early else 0  # stopped by Ctrl-C: 128 + SIGINT, as shells expect
 
 
 def _load_for_inference(args: argparse.Namespace):
@@ -83,6 +83,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_PREDICT_OUTPUT = "outputs/predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -114,43 +115,73 @@ def expand_image_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
+    from collections import Counter
 
     from tqdm import tqdm
 
     import sparsedet
     from .checkpoint import atomic_write_text
+    from .data.sources import coco_image_ids
+    from .outputs import next_free_folder
     from .visualize import draw_detections
 
     model = _load_for_inference(args)
     class_names = (model.config.get("data") or {}).get("class_names") or [
         f"class {i}" for i in range(model.num_classes)]
     paths = expand_image_inputs(args.inputs)
-    output = Path(args.output)
+    # An explicit --output is the user's choice; the default never overwrites an earlier run.
+    output = Path(args.output) if args.output else next_free_folder(DEFAULT_PREDICT_OUTPUT)
     output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for image_id, path in enumerate(tqdm(paths, desc="predict", dynamic_ncols=True)):
-        detections = sparsedet.predict(model, path, score_threshold=args.score_threshold)[0]
-        draw_detections(path, detections, class_names, score_threshold=args.score_threshold).save(
-            output / f"{path.stem}.png")
-        if args.explain:
-            from .explain import explain_prediction
-            explain_prediction(model, path).save(output / f"{path.stem}_explain.png")
-        for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
-                                                   detections["labels"].tolist()):
-            results.append({"image_id": image_id, "file_name": str(path), "category_id": int(label),
-                            "category_name": class_names[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": float(score)})
-    atomic_write_text(output / "results.json", json.dumps(results))
-    print(f"{len(paths)} images: annotated PNGs and results.json (COCO results format, category_id = "
-          f"contiguous label) in {output}/")
-    return 0
+    # image_id: the COCO id when the file belongs to a COCO set of the model's config, else the file name.
+    coco_ids = coco_image_ids(model.config.get("data") or {}, paths)
+    results, skipped = [], []
+    try:
+        for path in tqdm(paths, desc="predict", dynamic_ncols=True):
+            try:
+                detections = sparsedet.predict(model, path, score_threshold=args.score_threshold)[0]
+                draw_detections(path, detections, class_names, score_threshold=args.score_threshold).save(
+                    output / f"{path.stem}.png")
+                if args.explain:
+                    from .explain import explain_prediction
+                    explain_prediction(model, path).save(output / f"{path.stem}_explain.png")
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 - one unreadable or extreme image must not end the run
+                skipped.append(path)
+                tqdm.write(f"skipped {path}: {type(err).__name__}: {_one_line(err)}")
+                continue
+            labels = detections["labels"].tolist()
+            counts = Counter(class_names[label] for label in labels)
+            tqdm.write(f"{path}: " + (f"{len(labels)} detection{'s' if len(labels) != 1 else ''} ("
+                                      + ", ".join(f"{name} {n}" for name, n in counts.most_common()) + ")"
+                                      if labels else f"no detections above {args.score_threshold}"))
+            image_id = coco_ids.get(path, path.name)
+            for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                                       labels):
+                results.append({"image_id": image_id, "file_name": str(path), "category_id": int(label),
+                                "category_name": class_names[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "score": float(score)})
+    finally:  # the images done so far keep their results, whatever stopped the loop
+        atomic_write_text(output / "results.json", json.dumps(results))
+    done = len(paths) - len(skipped)
+    print(f"{done} images: annotated PNGs and results.json (COCO results format, category_id = contiguous "
+          f"label, image_id = COCO id or file name) in {output}/"
+          + (f"; {len(skipped)} skipped (named above)" if skipped else ""))
+    return 0 if done else 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed, device=args.device, model=args.model)
-    return 0
+    sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size") if getattr(args, key)}
+    stats = run_demo(output_dir=args.output, iterations=args.iterations, seed=args.seed, device=args.device,
+                     model=args.model, resume=args.resume, **sizes)
+    return 130 if stats is None else 0  # None: stopped by Ctrl-C (128 + SIGINT, as shells expect)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -234,7 +265,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders or glob patterns; KEY=VALUE items are config overrides")
     predict.add_argument("--config", help="config for checkpoints that carry none (official ones)")
-    predict.add_argument("--output", default="outputs/predict", help="output folder (default: %(default)s)")
+    predict.add_argument("--output", help=f"output folder (default: {DEFAULT_PREDICT_OUTPUT}, or predict2, predict3, "
+                                          "... when it exists: an earlier run is never overwritten)")
     predict.add_argument("--score-threshold", type=float, default=0.3,
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
@@ -258,6 +290,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue the training in OUTPUT/train from its last.pth (after Ctrl-C); give the "
+                           "same options as the first run (the stop message prints the command)")
+    demo.add_argument("--num-train", type=int, help="generated training images (default: 200)")
+    demo.add_argument("--num-val", type=int, help="generated held-out images (default: 40)")
+    demo.add_argument("--image-size", type=int, help="side of the generated square images (default: 320)")
     demo.set_defaults(func=_cmd_demo)
 
     convert = commands.add_parser(

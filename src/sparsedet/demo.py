@@ -1,10 +1,16 @@
 """``sparsedet demo``, the main job on a fresh machine: generate the embedded synthetic data set,
-train a small Sparse R-CNN on it with the regular trainer, evaluate it on the held-out images and
-write a report (AP table, loss curve, annotated predictions)."""
+train a small detector on it with the regular trainer (QueryDet by default, Sparse R-CNN with
+``--model sparse_rcnn``), evaluate it on the held-out images (QueryDet: densely and with Cascade
+Sparse Query, timed) and write a report (AP tables, loss curve, annotated predictions, CSQ figure).
+
+Ctrl-C during training finishes the step, saves ``train/last.pth`` and prints the command that
+continues (``--resume``)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,6 +33,16 @@ NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
 NUM_SHOWN = 6
 SHOWN_SCORE = 0.4
+# CSQ speed: rounds of (dense, CSQ) passes over the first TIMED_IMAGES val images, interleaved so
+# that background load hits both alike; the report gives the median and the spread.
+TIMING_ROUNDS, TIMED_IMAGES = 5, 10
+EXPLAIN_CAPTION = (
+    "*Where Cascade Sparse Query computed, on the first held-out image.* Top row: the query head's "
+    "probability that a small object is near each cell, densely on the coarse start level and only "
+    "at the cells the cascade evaluated on the next finer level (colour bar). Bottom row: on each "
+    "high-resolution level, *queried* cells are those the cascade selected from the coarser level, "
+    "*active sites* the cells around them (context window) where the detection heads actually ran; "
+    "all other cells were skipped. Boxes: the final detections.")
 
 
 def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = DEFAULT_MODEL) -> dict:
@@ -52,10 +68,12 @@ def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = D
 
 def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] = None, seed: int = 0,
              device: Optional[str] = None, model: str = DEFAULT_MODEL, num_train: int = NUM_TRAIN,
-             num_val: int = NUM_VAL, image_size: int = IMAGE_SIZE) -> dict:
-    """Runs the whole demo; returns the val metrics (``AP``, ``AP50``, ... in [0, 1]).
+             num_val: int = NUM_VAL, image_size: int = IMAGE_SIZE, resume: bool = False) -> Optional[dict]:
+    """Runs the whole demo; returns the val metrics (``AP``, ``AP50``, ... in [0, 1]), or None when
+    training was stopped (Ctrl-C): ``train/last.pth`` is then saved and the continue command printed.
 
-    ``num_train``, ``num_val`` and ``image_size`` size the generated data set (tests shrink it)."""
+    ``num_train``, ``num_val`` and ``image_size`` size the generated data set (tests shrink it).
+    ``resume`` continues the training in ``output_dir/train`` from its ``last.pth``."""
     from .visualize import plot_training_curves
 
     output_dir = Path(output_dir)
@@ -69,12 +87,20 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
                                 min_object_size=MIN_OBJECT_SIZE)
     config = demo_config(data, iterations, seed, model)
     solver = config["solver"]
+    trainer = Trainer(config, output_dir / "train", device=device or "cpu", resume=resume)
+    resumed = f", resuming at step {trainer.iteration}" if resume else ""
     print(f"[2/4] training {describe_model(config)} for {solver['max_iter']} steps of "
-          f"{solver['images_per_batch']} images on {device or 'cpu'}")
-    trainer = Trainer(config, output_dir / "train", device=device or "cpu")
+          f"{solver['images_per_batch']} images on {device or 'cpu'}{resumed}")
     result = trainer.train()
-    print("[3/4] evaluation on the held-out images:")
-    print(result.table())
+    if trainer.stopped_early:
+        command = demo_command(output_dir, iterations, seed, device, model, num_train, num_val, image_size)
+        print(f"stopped at step {trainer.iteration} of {solver['max_iter']}: saved {output_dir / 'train' / 'last.pth'}"
+              f"\ncontinue with: {command}")
+        return None
+    if result is None:  # resumed after the last step: training is done, evaluate its weights
+        result = trainer.evaluate()
+    print(f"[3/4] evaluation on the {len(trainer.val_set.records)} held-out images: AP {100 * result.stats['AP']:.1f}, "
+          f"AP50 {100 * result.stats['AP50']:.1f} (table above)")
     sparse_inference = _compare_csq(trainer) if config["model"]["name"] == "querydet" else None
     if sparse_inference is not None:
         print(sparse_inference["summary"])
@@ -89,30 +115,74 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
     if sparse_inference is not None:
         metrics["csq"] = sparse_inference["result"].to_dict()
         metrics["seconds_per_image"] = sparse_inference["seconds_per_image"]
+        metrics["speed_up"] = sparse_inference["speed_up"]
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=1))
     print(f"done in {elapsed / 60:.1f} min: AP {100 * result.stats['AP']:.1f}, AP50 {100 * result.stats['AP50']:.1f} "
           f"on {len(trainer.val_set.records)} held-out images. Report: {output_dir / 'report.md'}")
     return result.stats
 
 
+def demo_command(output_dir: Path, iterations: Optional[int], seed: int, device: Optional[str], model: str,
+                 num_train: int, num_val: int, image_size: int) -> str:
+    """The ``sparsedet demo ... --resume`` command that continues this run (non-default options only)."""
+    words = ["sparsedet", "demo", "--output", str(output_dir), "--resume"]
+    options = [("--model", model, DEFAULT_MODEL), ("--iterations", iterations, None), ("--seed", seed, 0),
+               ("--device", device, None), ("--num-train", num_train, NUM_TRAIN), ("--num-val", num_val, NUM_VAL),
+               ("--image-size", image_size, IMAGE_SIZE)]
+    for flag, value, default in options:
+        if value != default:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
 def _compare_csq(trainer: Trainer) -> dict:
-    """QueryDet: the same weights evaluated densely and with Cascade Sparse Query, timed."""
+    """QueryDet: the same weights evaluated densely and with Cascade Sparse Query (AP on the whole
+    val set), and their inference time per image (``_time_csq``)."""
     from .engine.evaluate import evaluate_model
 
     model = trainer.model
-    timings, results = {}, {}
-    for mode in ("dense", "csq"):
-        model.cfg.csq.enabled = mode == "csq"
-        begin = time.perf_counter()
-        results[mode] = evaluate_model(model, trainer.val_set, trainer.config, progress=False)
-        timings[mode] = (time.perf_counter() - begin) / max(len(trainer.val_set.records), 1)
-    model.cfg.csq.enabled = False
+    results = {}
+    try:
+        for mode in ("dense", "csq"):
+            model.cfg.csq.enabled = mode == "csq"
+            results[mode] = evaluate_model(model, trainer.val_set, trainer.config, progress=False)
+        timing = _time_csq(model, [r.image_path for r in trainer.val_set.records[:TIMED_IMAGES]])
+    finally:
+        model.cfg.csq.enabled = False
     dense, csq = results["dense"].stats, results["csq"].stats
+    seconds, ratios = timing["seconds_per_image"], timing["speed_up"]
     summary = (f"Cascade Sparse Query (sigma {model.cfg.csq.threshold}, {model.cfg.csq.context}x{model.cfg.csq.context} "
                f"context) vs dense P2-P7 inference, same weights: AP {100 * csq['AP']:.1f} vs {100 * dense['AP']:.1f}, "
-               f"APs {100 * csq['APs']:.1f} vs {100 * dense['APs']:.1f}; {1000 * timings['csq']:.0f} vs "
-               f"{1000 * timings['dense']:.0f} ms per image (whole evaluation loop, CPU)")
-    return {"result": results["csq"], "dense": results["dense"], "seconds_per_image": timings, "summary": summary}
+               f"APs {100 * csq['APs']:.1f} vs {100 * dense['APs']:.1f}; {1000 * seconds['csq']:.0f} vs "
+               f"{1000 * seconds['dense']:.0f} ms per image, speed-up {ratios['median']:.2f}x "
+               f"(median of {timing['rounds']} interleaved rounds over {timing['images']} images; rounds ranged "
+               f"{ratios['min']:.2f}x-{ratios['max']:.2f}x; CPU, model only, background load included)")
+    return {"result": results["csq"], "dense": results["dense"], "seconds_per_image": seconds,
+            "speed_up": ratios, "summary": summary}
+
+
+def _time_csq(model, image_paths: list[Path], rounds: int = TIMING_ROUNDS) -> dict:
+    """Inference seconds per image, dense vs CSQ, over ``rounds`` interleaved rounds (one dense and
+    one CSQ pass over the images each; the images are read once, before timing).
+
+    Returns ``{"seconds_per_image": {"dense", "csq"} medians, "speed_up": {"median", "min", "max"}
+    of the per-round dense/CSQ ratios, "rounds", "images"}``."""
+    from .data.image_io import read_image
+    from .inference import predict
+
+    images = [read_image(path) for path in image_paths]
+    per_round: dict[str, list[float]] = {"dense": [], "csq": []}
+    predict(model, images[:1])  # warm-up: first-call allocations
+    for _ in range(rounds):
+        for mode in ("dense", "csq"):
+            model.cfg.csq.enabled = mode == "csq"
+            begin = time.perf_counter()
+            predict(model, images)
+            per_round[mode].append((time.perf_counter() - begin) / max(len(images), 1))
+    ratios = [d / c for d, c in zip(per_round["dense"], per_round["csq"])]
+    return {"seconds_per_image": {mode: statistics.median(values) for mode, values in per_round.items()},
+            "speed_up": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "rounds": rounds, "images": len(images)}
 
 
 def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[Path]:
@@ -165,7 +235,14 @@ def _report(result, config: dict, curve: Path, pictures: list[Path], output_dir:
                   "```", sparse_inference["result"].table(per_class=False), "```", ""]
     lines += ["## Training curve", "", f"![loss curve]({curve.relative_to(output_dir)})", "",
               f"## Predictions on held-out images (score >= {SHOWN_SCORE})", ""]
-    lines += [f"![{p.stem}]({p.relative_to(output_dir)})" for p in pictures]
-    lines += ["", "Checkpoints, metrics.jsonl and TensorBoard logs: `train/`. Continue training with "
-              "`sparsedet train train/config.yaml --output train --resume solver.max_iter=N`.", ""]
+    for picture in pictures:
+        lines.append(f"![{picture.stem}]({picture.relative_to(output_dir)})")
+        if picture.stem.endswith("_explain"):
+            lines += ["", EXPLAIN_CAPTION, ""]
+    train_dir = (output_dir / "train").absolute()
+    command = shlex.join(["sparsedet", "train", str(train_dir / "config.yaml"), "--output", str(train_dir),
+                          "--resume", f"solver.max_iter={2 * int(solver['max_iter'])}"])
+    lines += ["", "Checkpoints, metrics.jsonl and TensorBoard logs: `train/`. Continue training (from any "
+              "folder; set `solver.max_iter` to the total number of steps, and `solver.steps` for the "
+              f"learning-rate drops) with:", "", f"    {command}", ""]
     return "\n".join(lines)

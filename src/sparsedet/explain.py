@@ -31,12 +31,28 @@ def _require_query_head(model: nn.Module) -> None:
                          f"this model ({name}) has none")
 
 
+# Site panels: one colour per kind of cell, legible over a dimmed grey photo.
+QUERIED_COLOUR = "#ff7f0e"   # orange: queried cells, where the heads' outputs are read
+CONTEXT_COLOUR = "#1f77b4"   # blue: context cells, computed only so the 3x3 convs see their neighbours
+HEAT_CMAP = "viridis"        # query probability, 0 (dark blue) .. 1 (yellow)
+
+
 @torch.no_grad()
 def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], score_threshold: float = 0.3) -> Image.Image:
     """A 2x2 figure of the CSQ query maps and active sites on ``image`` (path or (3, H, W) 0-255).
 
     CSQ is switched on for this call when the model's config has it off; the model is left as it was.
     """
+    figure = explain_figure(model, image, score_threshold)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+@torch.no_grad()
+def explain_figure(model: nn.Module, image: Union[str, Path, torch.Tensor], score_threshold: float = 0.3) -> Figure:
+    """The matplotlib figure ``explain_prediction`` renders: heat-map panels with a labelled colour
+    bar, site panels with a legend (queried / context / skipped cells), detections as boxes."""
     _require_query_head(model)
     original = read_image(image) if isinstance(image, (str, Path)) else image
     input_cfg = (getattr(model, "config", {}) or {}).get("input", {})
@@ -55,18 +71,18 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
     height, width = original.shape[-2:]
     # Level cell (y, x) covers original pixels scaled by stride * original / resized.
     scale_y, scale_x = height / resized.shape[-2], width / resized.shape[-1]
-    picture = original.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
-    figure = Figure(figsize=(12, 12 * height / width + 0.8), dpi=100)
+    picture = _dimmed_grey(original)
+    figure = Figure(figsize=(12, 12 * height / width + 1.6), dpi=100)
     axes = figure.subplots(2, 2)
     start = output.start_level
     panels = [(f"P{start} query heat-map (dense)", "heat", start)]
     finer = sorted(output.sparse_levels, reverse=True)
     if finer:
-        panels.append((f"P{finer[0]} query scores where evaluated", "heat", finer[0]))
-    panels += [(f"P{lvl}: queried sites (heads evaluated here)", "sites", lvl) for lvl in finer[:2]]
+        panels.append((f"P{finer[0]} query scores where evaluated (elsewhere: not computed)", "heat", finer[0]))
+    panels += [(f"P{lvl}: where the heads ran", "sites", lvl) for lvl in finer[:2]]
     stats = output.stats()
     for ax, (title, kind, level) in zip(axes.flat, panels):
-        ax.imshow(picture)
+        ax.imshow(picture, cmap="gray", vmin=0, vmax=255)
         level_height, level_width = level_extent(output, level)
         extent = (0, level_width * 2 ** level * scale_x, level_height * 2 ** level * scale_y, 0)
         if kind == "heat":
@@ -77,20 +93,18 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
                 logits = entry.query_map()[0] if entry is not None and entry.query_logits is not None else None
             if logits is not None:
                 probs = torch.nan_to_num(logits.float().sigmoid(), nan=0.0).cpu().numpy()
-                shown = ax.imshow(np.ma.masked_less_equal(probs, 0.0), cmap="inferno", alpha=0.6, vmin=0, vmax=1,
+                shown = ax.imshow(np.ma.masked_less_equal(probs, 0.0), cmap=HEAT_CMAP, alpha=0.7, vmin=0, vmax=1,
                                   extent=extent, interpolation="nearest")
-                figure.colorbar(shown, ax=ax, fraction=0.035, pad=0.02)
+                bar = figure.colorbar(shown, ax=ax, fraction=0.035, pad=0.02)
+                bar.set_label(f"query probability (small object near); queries: > {output.threshold}", fontsize=8)
         else:
             entry = output.level(level)
             if entry is not None:
-                sites = entry.positions[entry.positions[:, 0] == 0][:, 1:].cpu().numpy()
-                mask = np.zeros(level_extent(output, level), dtype=float)
-                mask[sites[:, 0], sites[:, 1]] = 1.0
-                ax.imshow(np.ma.masked_equal(mask, 0.0), cmap="cool", alpha=0.55, extent=extent,
-                          interpolation="nearest", vmin=0, vmax=1)
+                _draw_sites(ax, output, entry, extent)
             level_stats = stats["levels"].get(level, {})
             title += f"\n{level_stats.get('children', 0)} queried, {level_stats.get('active', 0)} active sites " \
                      f"({100 * level_stats.get('share', 0.0):.1f}% of P{level})"
+            ax.legend(handles=_site_legend(output), loc="upper right", fontsize=8, framealpha=0.9)
         _draw_boxes(ax, detections, score_threshold)
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
@@ -100,10 +114,47 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
         ax.set_axis_off()
     figure.suptitle(f"Cascade Sparse Query: sigma {output.threshold}, context {output.context}x{output.context}, "
                     f"{100 * stats['share']:.1f}% of the sparse levels' positions evaluated", fontsize=12)
-    figure.tight_layout()
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    figure.text(0.5, 0.005, "Queried: the 2x2 finer cells under each coarser cell whose query probability passed "
+                "sigma; the detection heads' outputs exist only there. Active sites: queried cells plus the context "
+                "window around them, where the towers' convolutions were computed. Boxes: final detections.",
+                ha="center", va="bottom", fontsize=8, wrap=True)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    return figure
+
+
+def _dimmed_grey(image: torch.Tensor) -> np.ndarray:
+    """(H, W) grey picture squeezed into 100..230, so coloured overlays stand out on any photo."""
+    grey = image.float().mul(torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    return (100 + grey * (130 / 255)).clamp(0, 255).cpu().numpy()
+
+
+def _draw_sites(ax, output, entry, extent) -> None:
+    """Queried cells in orange; the context cells around them (CSQ's active set) in blue."""
+    from matplotlib.colors import ListedColormap
+
+    from .layers.sparse_conv import build_active_set
+
+    cells = np.zeros(tuple(entry.shape[1:]), dtype=float)  # 0 skipped, 1 context, 2 queried
+    if output.method == "csq" and output.context > 1 and entry.num_children:
+        active = build_active_set(entry.positions, entry.shape, output.context, validate=False).indices
+        active = active[active[:, 0] == 0][:, 1:].cpu().numpy()
+        cells[active[:, 0], active[:, 1]] = 1.0
+    sites = entry.positions[entry.positions[:, 0] == 0][:, 1:].cpu().numpy()
+    cells[sites[:, 0], sites[:, 1]] = 2.0
+    colours = ListedColormap([CONTEXT_COLOUR, QUERIED_COLOUR])
+    ax.imshow(np.ma.masked_equal(cells, 0.0), cmap=colours, vmin=1, vmax=2, alpha=0.6, extent=extent,
+              interpolation="nearest")
+
+
+def _site_legend(output) -> list:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=QUERIED_COLOUR, alpha=0.6, label="queried: heads' outputs read here")]
+    if output.method == "csq" and output.context > 1:
+        handles.append(Patch(facecolor=CONTEXT_COLOUR, alpha=0.6,
+                             label=f"context: {output.context}x{output.context} window, convs computed"))
+    handles.append(Patch(facecolor="#bbbbbb", label="grey: skipped (nothing computed)"))
+    return handles
 
 
 def level_extent(output, level: int) -> tuple[int, int]:

@@ -12,13 +12,13 @@ from .dataset import TransformedDataset, collate
 from .image_io import ImageInfo, read_image, read_image_info
 from .records import DetectionDataset, DetectionRecord, LoadReport
 from .sampler import InferenceSampler, TrainingBatchSampler
-from .sources import read_dataset
+from .sources import read_dataset, with_absolute_paths
 from .transforms import build_transforms, resize_shortest_edge, shortest_edge_size
 from .voc import read_voc
 from .yolo import load_class_names, read_yolo
 
 __all__ = [
     "DetectionDataset", "DetectionRecord", "ImageInfo", "InferenceSampler", "LoadReport", "TrainingBatchSampler",
-    "TransformedDataset", "build_transforms", "collate", "load_class_names", "read_coco", "read_dataset",
+    "TransformedDataset", "build_transforms", "collate", "load_class_names", "read_coco", "read_dataset", "with_absolute_paths",
     "read_image", "read_image_info", "read_voc", "read_yolo", "resize_shortest_edge", "shortest_edge_size",
 ]

@@ -33,6 +33,7 @@ directory).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -116,3 +117,59 @@ def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> D
     elif not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise ValueError(f"{name}.classes: expected a list of names, a names file or a data.yaml, got {classes!r}")
     return read_yolo(path("images", "dir"), path("labels", "dir"), classes, check_images=check)
+
+
+# format -> keys that hold paths (a VOC/YOLO ``classes`` key may also be a list of names)
+_PATH_KEYS = {"coco": ("annotations", "images"), "voc": ("images", "annotations", "split", "classes"),
+              "yolo": ("images", "labels", "classes")}
+
+
+def with_absolute_paths(data: Mapping) -> dict:
+    """A copy of a config's ``data`` section whose set paths are absolute, resolved as
+    ``read_dataset`` would (against ``data.root``, else the current directory), and whose ``root``
+    is absolute too. A run's saved ``config.yaml`` then reads the same files from any folder."""
+    out = dict(data)
+    root = data.get("root")
+    base = Path(root).expanduser() if root is not None else Path.cwd()
+    base = Path(os.path.abspath(base))  # absolute and normalised, symbolic links kept
+    if root is not None:
+        out["root"] = str(base)
+    for name, section in data.items():
+        if not isinstance(section, Mapping) or section.get("format") not in _PATH_KEYS:
+            continue
+        section = dict(section)
+        for key in _PATH_KEYS[section["format"]]:
+            value = section.get(key)
+            if isinstance(value, (str, Path)) and str(value):
+                path = Path(value).expanduser()
+                section[key] = os.path.abspath(base / path)
+        out[name] = section
+    return out
+
+
+def coco_image_ids(data: Mapping, paths: list[Path]) -> dict[Path, int]:
+    """COCO image ids of the files in ``paths`` that belong to a COCO set of a config's ``data``
+    section (a file under the set's ``images`` folder and listed in its json), keyed by the
+    absolute path as given. A json is read only when some path lies under its images folder; a set
+    that cannot be read is skipped (the ids are a convenience, not a requirement)."""
+    import json
+
+    wanted = {Path(os.path.abspath(p)): p for p in paths}
+    ids: dict[Path, int] = {}
+    for section in with_absolute_paths(data).values():
+        if not isinstance(section, Mapping) or section.get("format") != "coco":
+            continue
+        images_dir = Path(section.get("images") or "")
+        inside = [p for p in wanted if images_dir in p.parents]
+        if not inside:
+            continue
+        try:
+            images = json.loads(Path(section["annotations"]).read_text()).get("images", [])
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        by_path = {Path(os.path.abspath(images_dir / str(entry.get("file_name")))): entry.get("id")
+                   for entry in images if isinstance(entry, dict)}
+        for path in inside:
+            if isinstance(by_path.get(path), int):
+                ids.setdefault(wanted[path], by_path[path])
+    return ids

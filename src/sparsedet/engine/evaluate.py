@@ -55,7 +55,7 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, config: Mapping,
     data_cfg = config.get("data") or {}
     predictions = predict_dataset(model, dataset, config.get("input") or {},
                                   batch_size=int(test_cfg.get("images_per_batch", 1)),
-                                  num_workers=int(data_cfg.get("num_workers", 0)), progress=progress)
+                                  num_workers=int(data_cfg.get("num_workers") or 0), progress=progress)
     return evaluate_detections(dataset.coco_ground_truth(), predictions, dataset.category_ids,
                                class_names=dataset.class_names,
                                image_ids=[r.image_id for r in dataset.records], results_path=results_path)

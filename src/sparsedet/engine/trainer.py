@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -38,9 +39,11 @@ from tqdm import tqdm
 
 from ..checkpoint import save_atomic
 from ..config import ConfigError
-from ..data import TrainingBatchSampler, TransformedDataset, build_transforms, collate, read_dataset
+from ..data import TrainingBatchSampler, TransformedDataset, build_transforms, collate, read_dataset, with_absolute_paths
 from ..evaluation import EvaluationResult
+from ..log import FILE_ONLY
 from ..models import build_model
+from ..models.backbones.build import backbone_keys_in_use
 from ..models.build import model_config
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean, any_process, init_distributed
 from .evaluate import evaluate_model
@@ -80,6 +83,7 @@ class Trainer:
         self.stopped_early = False  # set when a stop request (Ctrl-C) ended train() before max_iter
 
         model_config(self.config)  # a typo in model.* fails now, not after reading the data
+        self._make_portable()
         data_cfg = self.config.get("data") or {}
         if not data_cfg.get("train"):
             raise ConfigError("the config has no data.train section: say what to train on, e.g. "
@@ -136,6 +140,20 @@ class Trainer:
         if int(s["max_iter"]) < 1:
             raise ConfigError(f"solver.max_iter must be >= 1, got {s['max_iter']}")
 
+    def _make_portable(self) -> None:
+        """The config as the run saves it (``config.yaml``, checkpoints): data paths absolute, so
+        ``sparsedet train OUTPUT/config.yaml --resume`` reads the same files from any folder, and
+        only the ``model.backbone`` keys the chosen backbone reads. Builds the same model."""
+        if isinstance(self.config.get("data"), dict):
+            self.config["data"] = with_absolute_paths(self.config["data"])
+        model_cfg = self.config.get("model")
+        if isinstance(model_cfg, dict) and isinstance(model_cfg.get("backbone"), dict):
+            backbone = backbone_keys_in_use(model_cfg["backbone"])
+            weights = backbone.get("weights")
+            if isinstance(weights, str) and weights != "imagenet" and Path(weights).expanduser().is_file():
+                backbone["weights"] = os.path.abspath(Path(weights).expanduser())
+            model_cfg["backbone"] = backbone
+
     def _record_classes(self) -> None:
         """The model predicts the training set's classes; their names travel in the saved config."""
         model_cfg = self.config.setdefault("model", {})
@@ -165,7 +183,8 @@ class Trainer:
             rank=self.ctx.rank, world_size=self.ctx.world_size,
             group_by_aspect_ratio=bool(data_cfg.get("aspect_ratio_grouping", True)),
             start_iteration=self.iteration * int(s["accumulate_steps"]))
-        workers = int(data_cfg.get("num_workers", 2))
+        workers = data_cfg.get("num_workers")
+        workers = default_num_workers() if workers is None else int(workers)
         dataset = TransformedDataset(self.train_set, build_transforms(self.config.get("input") or {}, train=True))
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                           persistent_workers=workers > 0, pin_memory=self.ctx.device.type == "cuda")
@@ -222,7 +241,7 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
         if self.ctx.is_main:
-            tqdm.write("interrupt: finishing this step and saving last.pth (press Ctrl-C again to abort)")
+            log.info("interrupt: finishing this step and saving last.pth (press Ctrl-C again to abort)")
 
     def train(self) -> Optional[EvaluationResult]:
         """Runs until ``solver.max_iter`` (or a stop request); returns the last evaluation (None
@@ -255,8 +274,10 @@ class Trainer:
                     total = sum(losses.values())
                     bar.set_postfix(loss=f"{total:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                     if self.iteration % int(s["log_period"]) == 0 or self.iteration in (1, max_iter):
+                        lr = self.scheduler.get_last_lr()[0]
                         self.metrics.write("train", self.iteration, {
-                            "total_loss": total, "lr": self.scheduler.get_last_lr()[0], "time": step_time, **losses})
+                            "total_loss": total, "lr": lr, "time": step_time, **losses})
+                        self._log_losses(total, losses, lr, step_time, max_iter)
                 bar.update(1)
                 at_end = self.iteration == max_iter
                 if self._due("eval_period") or (at_end and self.val_set is not None):
@@ -280,6 +301,16 @@ class Trainer:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
         return result
+
+    def _log_losses(self, total: float, losses: Mapping[str, float], lr: float, step_time: float,
+                    max_iter: int) -> None:
+        """One line per log period in train.log; on the console only without a progress bar
+        (the bar shows the loss and lr already)."""
+        if not self.ctx.is_main:
+            return
+        parts = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        log.info("iteration %d/%d: total_loss %.4f (%s) lr %.3e, %.2f s/step", self.iteration, max_iter,
+                 total, parts, lr, step_time, extra=FILE_ONLY if self.progress else None)
 
     def _due(self, key: str) -> bool:
         period = int(self.solver.get(key) or 0)
@@ -338,17 +369,29 @@ class Trainer:
         """COCO AP on ``data.val``; keeps ``best.pth``. Collective: call on every process."""
         if self.val_set is None:
             return None
+        warmup_iters = int(self.solver.get("warmup_iters") or 0)
+        if self.iteration < warmup_iters and self.ctx.is_main:
+            log.warning("iteration %d: evaluating during the learning-rate warm-up (solver.warmup_iters=%d); "
+                        "the AP of a model still warming up says little and may drop before it rises. "
+                        "Set solver.eval_period above %d for meaningful figures.",
+                        self.iteration, warmup_iters, warmup_iters)
         results_path = self.output_dir / "eval" / f"results_{self.iteration:07d}.json" if self.ctx.is_main else None
         result = evaluate_model(self.model, self.val_set, self.config, results_path=results_path,
                                 progress=self.progress)
         self.model.train()
         self.metrics.write("eval", self.iteration, {k: v for k, v in result.stats.items()})
         if self.ctx.is_main:
-            tqdm.write(f"iteration {self.iteration}: evaluation on data.val\n{result.table()}")
+            log.info("iteration %d: evaluation on data.val\n%s", self.iteration, result.table())
         if result.stats["AP"] > self.best_ap:
             self.best_ap = result.stats["AP"]
             self.save_checkpoint("best.pth")
         return result
+
+
+def default_num_workers() -> int:
+    """``data.num_workers`` when unset (or null): min(4, the CPU cores this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)
 
 
 def _in_main_thread() -> bool:

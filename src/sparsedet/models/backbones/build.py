@@ -64,6 +64,25 @@ class FPNConfig:
     top_block: str = "none"
 
 
+# backbone name -> the ``model.backbone`` keys it reads (ResNet: all of them; MobileNetV2 has one
+# depth and one layout, so ``depth`` and ``layout`` mean nothing for it).
+_KEYS_READ = {
+    "resnet": ("name", "depth", "layout", "frozen_bn", "freeze_at", "weights"),
+    "mobilenet_v2": ("name", "frozen_bn", "freeze_at", "weights"),
+}
+
+
+def backbone_keys_in_use(section: dict) -> dict:
+    """``model.backbone`` without the keys its ``name`` does not read (e.g. the ResNet ``depth``
+    and ``layout`` a MobileNetV2 config inherits from a ResNet base), for the resolved config a run
+    writes. The model built from the result is the same. Unknown names and keys are kept, so that
+    building still reports them."""
+    used = _KEYS_READ.get(section.get("name", BackboneConfig.name))
+    if used is None:
+        return dict(section)
+    return {key: value for key, value in section.items() if key in used or key not in _KEYS_READ["resnet"]}
+
+
 class BackboneWithFPN(nn.Module):
     """Body + FPN. ``forward(x)`` returns ``OrderedDict(p{level}: (B, channels, H/2^level, W/2^level))``."""
 
