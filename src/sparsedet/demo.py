@@ -45,9 +45,14 @@ EXPLAIN_CAPTION = (
     "all other cells were skipped. Boxes: the final detections.")
 
 
-def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = DEFAULT_MODEL) -> dict:
+def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = DEFAULT_MODEL,
+                image_size: int = IMAGE_SIZE) -> dict:
     """The demo config with the generated folders filled in. Without the MobileNetV2 weights
-    package it falls back to a ResNet-18 from scratch (and says so)."""
+    package it falls back to a ResNet-18 from scratch (and says so).
+
+    ``iterations`` shortens the schedule: LR drops at 80 % and 93 %, evaluation half-way, warm-up
+    at most a tenth of the run (so that a short run is not all warm-up). ``image_size`` other than
+    the default scales the train and test sizes with the generated images."""
     overrides = [f"solver.seed={seed}"]
     for split in ("train", "val"):
         overrides += [f"data.{split}.annotations={data[split]['annotations']}",
@@ -63,7 +68,16 @@ def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = D
                       "model.backbone.freeze_at=0", "model.backbone.frozen_bn=false"]
     if model not in DEMO_CONFIGS:
         raise ValueError(f"demo model must be one of {sorted(DEMO_CONFIGS)}, got {model!r}")
-    return load_config(DEMO_CONFIGS[model], overrides)
+    config = load_config(DEMO_CONFIGS[model], overrides)
+    solver, sizes = config["solver"], config["input"]
+    if iterations is not None:
+        solver["warmup_iters"] = min(int(solver.get("warmup_iters", 0)), iterations // 10)
+    if image_size != IMAGE_SIZE:
+        scale = image_size / IMAGE_SIZE
+        for key in ("min_size_train", "max_size_train", "min_size_test", "max_size_test"):
+            value = sizes[key]
+            sizes[key] = [round(v * scale) for v in value] if isinstance(value, list) else round(value * scale)
+    return config
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] = None, seed: int = 0,
@@ -85,7 +99,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", iterations: Optional[int] 
     data = write_synthetic_coco(output_dir / "data", num_train=num_train, num_val=num_val, seed=seed,
                                 height=image_size, width=image_size, objects_per_image=OBJECTS_PER_IMAGE,
                                 min_object_size=MIN_OBJECT_SIZE)
-    config = demo_config(data, iterations, seed, model)
+    config = demo_config(data, iterations, seed, model, image_size)
     solver = config["solver"]
     trainer = Trainer(config, output_dir / "train", device=device or "cpu", resume=resume)
     resumed = f", resuming at step {trainer.iteration}" if resume else ""

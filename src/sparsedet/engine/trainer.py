@@ -288,7 +288,8 @@ class Trainer:
                     self.stopped_early = True
                     self.save_checkpoint()
                     if self.ctx.is_main:
-                        log.info("stopped at iteration %d; continue with --resume", self.iteration)
+                        # The caller (CLI train, demo) prints how to continue: on the console once.
+                        log.info("stopped at iteration %d; continue with --resume", self.iteration, extra=FILE_ONLY)
                     break
         except KeyboardInterrupt:
             if self.ctx.is_main:
