@@ -262,3 +262,13 @@ def test_explain_figure_has_a_legend_and_labelled_colour_bars(single_thread):
     assert any("skipped" in label for label in labels)
     colour_bars = [ax for ax in figure.axes if "query probability" in ax.get_ylabel()]
     assert len(colour_bars) == 2
+
+
+def test_predict_explain_without_a_query_head_is_one_error(trained, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (128, 96)).save(folder / name)
+    assert main(["predict", str(trained / "last.pth"), str(folder), "--explain", "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "query head" in err and len(err.strip().splitlines()) == 1

@@ -129,6 +129,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     class_names = (model.config.get("data") or {}).get("class_names") or [
         f"class {i}" for i in range(model.num_classes)]
     paths = expand_image_inputs(args.inputs)
+    if args.explain:  # a model without a query head is one error, not one skipped image per file
+        from .explain import explain_prediction, require_query_head
+        require_query_head(model)
     # An explicit --output is the user's choice; the default never overwrites an earlier run.
     output = Path(args.output) if args.output else next_free_folder(DEFAULT_PREDICT_OUTPUT)
     output.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 draw_detections(path, detections, class_names, score_threshold=args.score_threshold).save(
                     output / f"{path.stem}.png")
                 if args.explain:
-                    from .explain import explain_prediction
                     explain_prediction(model, path).save(output / f"{path.stem}_explain.png")
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise

@@ -38,11 +38,12 @@ SHOWN_SCORE = 0.4
 TIMING_ROUNDS, TIMED_IMAGES = 5, 10
 EXPLAIN_CAPTION = (
     "*Where Cascade Sparse Query computed, on the first held-out image.* Top row: the query head's "
-    "probability that a small object is near each cell, densely on the coarse start level and only "
-    "at the cells the cascade evaluated on the next finer level (colour bar). Bottom row: on each "
-    "high-resolution level, *queried* cells are those the cascade selected from the coarser level, "
-    "*active sites* the cells around them (context window) where the detection heads actually ran; "
-    "all other cells were skipped. Boxes: the final detections.")
+    "probability that a small object is near each cell, densely on the coarse start level and, on the "
+    "next finer level, only at the cells the cascade evaluated (colour bar). Bottom row, on each "
+    "high-resolution level: *queried* cells (orange) are the 2x2 finer cells under each coarser cell "
+    "whose probability passed sigma, where the detection heads' outputs are read; *context* cells "
+    "(blue) complete the window around them, where the heads' convolutions also ran (queried + context "
+    "= the *active sites*); grey cells were skipped. Boxes: the final detections.")
 
 
 def demo_config(data: dict, iterations: Optional[int], seed: int, model: str = DEFAULT_MODEL,

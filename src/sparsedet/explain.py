@@ -24,7 +24,8 @@ from .data.transforms import resize_shortest_edge
 from .visualize import class_colour
 
 
-def _require_query_head(model: nn.Module) -> None:
+def require_query_head(model: nn.Module) -> None:
+    """Raises ValueError (one line) unless ``model`` is a QueryDet with a query head."""
     if getattr(model, "query_head", None) is None or not hasattr(model, "cfg") or not hasattr(model.cfg, "csq"):
         name = (getattr(model, "config", {}) or {}).get("model", {}).get("name", type(model).__name__)
         raise ValueError(f"--explain shows Cascade Sparse Query, which needs a QueryDet model with a query head; "
@@ -53,7 +54,7 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
 def explain_figure(model: nn.Module, image: Union[str, Path, torch.Tensor], score_threshold: float = 0.3) -> Figure:
     """The matplotlib figure ``explain_prediction`` renders: heat-map panels with a labelled colour
     bar, site panels with a legend (queried / context / skipped cells), detections as boxes."""
-    _require_query_head(model)
+    require_query_head(model)
     original = read_image(image) if isinstance(image, (str, Path)) else image
     input_cfg = (getattr(model, "config", {}) or {}).get("input", {})
     resized = resize_shortest_edge(original.float(), input_cfg.get("min_size_test", 800), input_cfg.get("max_size_test", 1333))
