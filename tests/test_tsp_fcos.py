@@ -403,3 +403,15 @@ def test_converter_infers_r101_and_refuses_other_checkpoints():
     extra["backbone.bottom_up.res3.0.conv2_offset.weight"] = torch.zeros(27, 128, 3, 3)
     with pytest.raises(ValueError, match="conv2_offset"):
         convert_checkpoint("tsp_fcos", extra)
+
+
+# ---------------------------------------------------------------- --explain
+def test_explain_draws_the_selected_fois():
+    from sparsedet.explain import explain_prediction
+
+    model = tiny_model("input.min_size_test=96", "input.max_size_test=128").eval()
+    picture = explain_prediction(model, torch.rand(3, 120, 160) * 255)
+    assert picture.size[0] > 400 and picture.size[1] > 200
+    assert not model.training
+    sel = model.last_selection["images"][0]
+    assert sel["points"].shape[0] == 50 and (sel["scores"] > 0).all()

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
                          help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
-                              "Sparse Query (<name>_explain.png)")
+                              "Sparse Query; TSP-FCOS: the features of interest that entered the encoder "
+                              "(<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=_cmd_predict)
 
