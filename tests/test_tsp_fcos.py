@@ -377,6 +377,13 @@ def test_converter_uses_every_official_key_and_fills_every_model_key(tmp_path):
     model = build_model("tsp_fcos/r50_fpn_3x")
     model.load_state_dict(torch.load(tmp_path / "converted.pth", weights_only=True))
     model.eval()
+    # sparsedet.load recognises an official file and converts it on the fly.
+    import sparsedet
+
+    torch.save({"model": official, "iteration": 5}, tmp_path / "official.pth")
+    loaded = sparsedet.load(tmp_path / "official.pth")
+    assert loaded.config["model"]["name"] == "tsp_fcos" and not loaded.training
+    assert torch.equal(loaded.state_dict()["scales"], official["scales"])
     with torch.no_grad():
         out = model([torch.rand(3, 256, 256) * 255])  # 1364 locations >= 700 FoIs
     assert out[0]["boxes"].shape[1] == 4
