@@ -454,3 +454,29 @@ def test_trainer_resumes_tsp_fcos_exactly(tmp_path, single_thread):
     Trainer(config(4), tmp_path / "resumed", resume=True, progress=False).train()
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert resumed[3] == straight[3] and resumed[4] == straight[4], (straight, resumed)
+
+
+def test_detr_loss_baseline_matches_any_gt_of_the_image():
+    from sparsedet.models.tsp.fcos_detr_loss import tsp_fcos_detr_losses
+
+    K = 2
+    # One image, 3 FoIs, 1 GT of class 1 at [0, 0, 10, 10]: FoI 1 predicts it exactly and is matched
+    # although it could sit anywhere (no FCOS restriction).
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 3.0], [1.0, 0.0]]])
+    boxes = torch.tensor([[[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 5.0, 5.0]]])
+    centerness = torch.tensor([[0.0, 0.5, 0.0]])
+    points = torch.tensor([[[25.0, 25.0], [5.0, 5.0], [2.0, 2.0]]])
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}]
+    losses = tsp_fcos_detr_losses(logits, boxes, centerness, points, targets, [(40, 40)])
+    assert losses["loss_fcos_loc"].item() == pytest.approx(0.0, abs=1e-6)
+    full = torch.cat((logits[0], torch.zeros(3, 1)), dim=1)
+    ce = torch.nn.functional.cross_entropy(full, torch.tensor([2, 1, 2]), weight=torch.tensor([1.0, 1.0, 0.1]))
+    assert losses["loss_fcos_cls"].item() == pytest.approx(ce.item(), rel=1e-5)
+    # FoI 1 sits at the GT's centre: centerness target 1.
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(0.5), torch.tensor(1.0))
+    assert losses["loss_fcos_ctr"].item() == pytest.approx(expected.item(), rel=1e-5)
+    model = tiny_model("model.loss.set_loss=detr")
+    out = model([torch.rand(3, 128, 160) * 255],
+                [{"boxes": torch.tensor([[10.0, 10.0, 90.0, 80.0]]), "labels": torch.tensor([2])}])
+    assert set(out) == {"loss_fcos_local_cls", "loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+    sum(out.values()).backward()
