@@ -130,8 +130,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"class {i}" for i in range(model.num_classes)]
     paths = expand_image_inputs(args.inputs)
     if args.explain:  # a model without a query head is one error, not one skipped image per file
-        from .explain import explain_prediction, require_query_head
-        require_query_head(model)
+        from .explain import explain_prediction, require_explainable
+        require_explainable(model)
     # An explicit --output is the user's choice; the default never overwrites an earlier run.
     output = Path(args.output) if args.output else next_free_folder(DEFAULT_PREDICT_OUTPUT)
     output.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
                          help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
-                              "Sparse Query (<name>_explain.png)")
+                              "Sparse Query; TSP-FCOS: the features of interest that entered the encoder "
+                              "(<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=_cmd_predict)
 
@@ -289,7 +290,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
-    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn"],
+    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
     demo.add_argument("--resume", action="store_true",

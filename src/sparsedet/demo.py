@@ -27,7 +27,8 @@ from .models.backbones.mobilenet import imagenet_weights_path
 DEFAULT_MODEL = "querydet"
 # Sparse R-CNN, like every set-prediction detector, converges slowly: on this budget it learns the
 # boxes but not yet the classes, so its demo config runs 3000 steps.
-DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo"}
+DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo",
+                "tsp_fcos": "tsp_fcos/mobilenetv2_fpn_demo"}
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 # Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
@@ -201,7 +202,7 @@ def _time_csq(model, image_paths: list[Path], rounds: int = TIMING_ROUNDS) -> di
 
 
 def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[Path]:
-    """Annotated predictions on the first val images (and a CSQ explanation for QueryDet)."""
+    """Annotated predictions on the first val images (and the --explain figure for QueryDet / TSP-FCOS)."""
     from .engine.evaluate import predict_dataset
     from .visualize import draw_detections
 
@@ -216,7 +217,7 @@ def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[
         draw_detections(record.image_path, predictions[record.image_id], trainer.val_set.class_names,
                         score_threshold=SHOWN_SCORE).save(path)
         pictures.append(path)
-    if config["model"]["name"] == "querydet" and shown:
+    if config["model"]["name"] in ("querydet", "tsp_fcos") and shown:
         from .explain import explain_prediction
 
         path = folder / f"{shown[0].image_path.stem}_explain.png"
@@ -231,6 +232,10 @@ def describe_model(config: dict) -> str:
     backbone = f"{model['backbone']['name']}-FPN, {model['fpn']['channels']} channels"
     if model["name"] == "sparse_rcnn":
         return f"Sparse R-CNN ({backbone}, {model['num_proposals']} proposals, {model['num_stages']} stages)"
+    if model["name"] == "tsp_fcos":
+        t = model["transformer"]
+        return (f"TSP-FCOS ({backbone}, {model['foi']['num_foi']} FoIs, {t['num_layers']}-layer "
+                f"d={t['d_model']} encoder)")
     levels = model["fpn"]["out_levels"]
     return f"QueryDet ({backbone}, P{min(levels)}-P{max(levels)}, query head on P3/P4)"
 

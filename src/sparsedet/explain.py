@@ -4,7 +4,8 @@
 panels over it: the dense query heat-map on the start level (P4), the query scores at the P3
 positions the cascade evaluated, the queried sites on P3 and on P2 (the only positions where the
 high-resolution heads produced outputs), each with the final detections. ``sparsedet predict
---explain`` writes it next to the annotated image.
+--explain`` writes it next to the annotated image. Models listed in ``EXPLAINERS`` (TSP) draw their
+own figure (``explain_tsp``: the FoIs / RoIs that entered the transformer).
 """
 from __future__ import annotations
 
@@ -24,12 +25,36 @@ from .data.transforms import resize_shortest_edge
 from .visualize import class_colour
 
 
+# model.name -> (module of sparsedet, function): models whose --explain figure lives in its own module.
+EXPLAINERS = {
+    "tsp_fcos": ("explain_tsp", "explain_tsp_fcos"),
+}
+
+
+def _own_explainer(model: nn.Module):
+    """The figure function registered in ``EXPLAINERS`` for this model's ``model.name``, or None."""
+    import importlib
+
+    name = (getattr(model, "config", {}) or {}).get("model", {}).get("name")
+    if name not in EXPLAINERS:
+        return None
+    module, function = EXPLAINERS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+
+def require_explainable(model: nn.Module) -> None:
+    """Raises ValueError (one line) unless ``model`` has an --explain figure: a model registered in
+    ``EXPLAINERS``, or a QueryDet with a query head (the CSQ figure)."""
+    if _own_explainer(model) is None:
+        require_query_head(model)
+
+
 def require_query_head(model: nn.Module) -> None:
     """Raises ValueError (one line) unless ``model`` is a QueryDet with a query head."""
     if getattr(model, "query_head", None) is None or not hasattr(model, "cfg") or not hasattr(model.cfg, "csq"):
         name = (getattr(model, "config", {}) or {}).get("model", {}).get("name", type(model).__name__)
-        raise ValueError(f"--explain shows Cascade Sparse Query, which needs a QueryDet model with a query head; "
-                         f"this model ({name}) has none")
+        raise ValueError(f"--explain draws what a sparse model chose: Cascade Sparse Query (a QueryDet model with a "
+                         f"query head) or the models {sorted(EXPLAINERS)}; this model ({name}) has no such figure")
 
 
 # Site panels: one colour per kind of cell, legible over a dimmed grey photo.
@@ -43,7 +68,11 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
     """A 2x2 figure of the CSQ query maps and active sites on ``image`` (path or (3, H, W) 0-255).
 
     CSQ is switched on for this call when the model's config has it off; the model is left as it was.
+    Models registered in ``EXPLAINERS`` (TSP) draw their own figure instead.
     """
+    explainer = _own_explainer(model)
+    if explainer is not None:
+        return explainer(model, image, score_threshold)
     figure = explain_figure(model, image, score_threshold)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()

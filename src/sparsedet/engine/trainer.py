@@ -4,8 +4,8 @@ One iteration = one optimizer step over ``solver.images_per_batch`` images in to
 processes, all accumulation micro-steps). What the loop does, in order, each iteration:
 ``accumulate_steps`` forward/backward passes under optional AMP, a NaN/inf guard that skips the
 step (all processes together) and stops after ``solver.max_nonfinite_steps`` in a row, gradient
-clipping (``clip_grad_norm`` full-model L2 or ``clip_grad_value``), the optimizer and LR-schedule
-steps, logging, and at the configured periods evaluation and checkpointing.
+clipping (per ``solver.param_groups`` entry, then ``clip_grad_norm`` full-model L2 or
+``clip_grad_value``), the optimizer(s) and LR-schedule steps (``engine/optim.py``), logging, and at the configured periods evaluation and checkpointing.
 
 Output folder: ``last.pth`` (resumable), ``best.pth`` (highest val AP), ``config.yaml`` (resolved),
 ``metrics.jsonl`` + ``tensorboard/``, ``train.log``, ``eval/`` results json per evaluation.
@@ -48,14 +48,14 @@ from ..models.build import model_config
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean, any_process, init_distributed
 from .evaluate import evaluate_model
 from .metrics_log import MetricsLog
-from .optim import build_optimizer, warmup_multistep
+from .optim import ScheduleSet, build_optimizer
 
 log = logging.getLogger("sparsedet.train")
 
 SOLVER_DEFAULTS = {
     "images_per_batch": 16, "accumulate_steps": 1, "max_iter": 1000, "amp": False, "seed": 0,
     "eval_period": 0, "checkpoint_period": 0, "log_period": 20, "max_nonfinite_steps": 5,
-    "clip_grad_norm": None, "clip_grad_value": None,
+    "clip_grad_norm": None, "clip_grad_value": None, "sync_bn": False,
 }
 
 
@@ -102,15 +102,21 @@ class Trainer:
         self._record_classes()
 
         torch.manual_seed(int(self.solver["seed"]))
-        self.model = build_model(self.config).to(self.ctx.device)
+        self.model = build_model(self.config)
+        if self.solver["sync_bn"] and self.ctx.enabled and self.ctx.device.type == "cuda":
+            # Trainable BatchNorm (e.g. TSP's P6/P7 block) normalises over the global batch, as
+            # detectron2's SyncBN; FrozenBatchNorm is not a BatchNorm and stays as it is.
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.ctx.device)
         self.optimizer = build_optimizer(self.model, self.solver)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_multistep(self.solver))
+        self.scheduler = ScheduleSet(self.optimizer, self.solver)
         self.amp_dtype = torch.float16 if self.ctx.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(self.ctx.device.type,
                                            enabled=bool(self.solver["amp"]) and self.ctx.device.type == "cuda")
         self.iteration = 0
         self.best_ap = -math.inf
         resume_path = self._resume_path(resume)
+        self._resumed = resume_path is not None
         if resume_path is not None:
             self._load_checkpoint(resume_path)
         # Per-process RNG (dropout etc.) differs by rank, like detectron2's seed + rank.
@@ -249,7 +255,13 @@ class Trainer:
         s = self.solver
         max_iter, accumulate = int(s["max_iter"]), int(s["accumulate_steps"])
         previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
+        rng_state = torch.get_rng_state()
         batches = iter(self._train_loader()) if self.iteration < max_iter else iter(())
+        if self._resumed:
+            # Starting the loader draws a seed from the global RNG. An uninterrupted run made that
+            # draw before its first step, so the restored state already includes it: undo it, or
+            # every random draw in the model (dropout, TSP's FoI / RoI keep) is shifted by one.
+            torch.set_rng_state(rng_state)
         bar = tqdm(total=max_iter, initial=self.iteration, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         nonfinite_in_a_row = 0
@@ -356,12 +368,13 @@ class Trainer:
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
             return summed, False
-        self.scaler.unscale_(self.optimizer)
+        self.optimizer.unscale_(self.scaler)
+        self.optimizer.clip_grad_norms()  # per-group clips of solver.param_groups
         if self.solver["clip_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.solver["clip_grad_norm"]))
         if self.solver["clip_grad_value"]:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), float(self.solver["clip_grad_value"]))
-        self.scaler.step(self.optimizer)
+        self.optimizer.step(self.scaler)
         self.scaler.update()
         self.scheduler.step()
         return all_reduce_mean(summed, self.ctx.device), True
