@@ -30,6 +30,7 @@ def load(path: Union[str, Path], config: Union[str, Path, Mapping, None] = None,
     """
     from .convert import convert_checkpoint, infer_overrides, official_architecture
     from .convert.querydet import BASE_CONFIGS
+    from .convert.tsp_rcnn import BASE_CONFIG as TSP_RCNN_BASE_CONFIG
 
     data = read_weights_file(path)
     if config is None and isinstance(data.get("config"), Mapping):
@@ -40,7 +41,7 @@ def load(path: Union[str, Path], config: Union[str, Path, Mapping, None] = None,
     if arch is not None:
         result = convert_checkpoint(arch, state)
         state, inferred = result.state_dict, result.config_overrides
-        config = config or BASE_CONFIGS.get(arch)
+        config = config or BASE_CONFIGS.get(arch) or {"tsp_rcnn": TSP_RCNN_BASE_CONFIG}.get(arch)
     elif config is None:
         inferred = infer_overrides(state)
     model = build_model(config or "sparse_rcnn/r50_fpn_100pro_3x",

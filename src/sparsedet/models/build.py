@@ -12,6 +12,8 @@ from .fcos import FCOS, FCOSConfig, QueryDetFCOSConfig
 from .querydet import QueryDet, QueryDetConfig
 from .retinanet import RetinaNet, RetinaNetConfig
 from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
+from .tsp.rcnn_config import TSPRCNNConfig
+from .tsp.rcnn_detector import TSPRCNN
 
 # model.name -> (typed config, detector class)
 MODELS = {
@@ -21,6 +23,7 @@ MODELS = {
     "fcos": (FCOSConfig, FCOS),
     "querydet_fcos": (QueryDetFCOSConfig, FCOS),
     "faster_rcnn": (FasterRCNNConfig, FasterRCNN),
+    "tsp_rcnn": (TSPRCNNConfig, TSPRCNN),
 }
 
 
