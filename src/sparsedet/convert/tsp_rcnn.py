@@ -113,6 +113,8 @@ def infer_overrides(s: Mapping[str, torch.Tensor]) -> dict:
 
     out = _infer_backbone(s, shape)
     out.pop("model.fpn.top_block", None)
+    if out.get("model.backbone.depth", 50) < 50:
+        out["model.backbone.layout"] = "torchvision"   # basic blocks: no 1x1 conv to carry the stride
     stages = sorted({int(m[1]) for k in s if (m := re.match(r"^box_head\.(\d+)\.", k))})
     head, predictor = ("box_head.0.", "box_predictor.0.") if stages else ("box_head.", "box_predictor.")
     num_classes = shape(predictor + "cls_score.weight")[0] - 1
@@ -158,9 +160,13 @@ def convert_tsp_rcnn(state: Mapping[str, torch.Tensor], source: str = "checkpoin
     signature = [SIGNATURE_KEY, "roi_heads.box_head.0.post_input_proj_norm.weight",
                  "proposal_generator.rpn_head.obj_bn_list.0.0.weight"]
     if not any(k in state for k in signature[:2]) or signature[2] not in state:
+        from . import official_architecture  # here: the package imports this module
+
         absent = next(k for k in (SIGNATURE_KEY, signature[2]) if k not in state)
+        other = official_architecture(state)
+        hint = f"; if it is an official {other} checkpoint, use `sparsedet convert {other}`" if other else ""
         raise ValueError(f"{source}: not an official TSP-RCNN checkpoint: key {absent!r} is missing; "
-                         f"it looks like {describe_layout(state)}")
+                         f"it looks like {describe_layout(state)}{hint}")
     mapped, unmapped, ignored = OrderedDict(), [], []
     for key, value in state.items():
         if IGNORED.match(key):

@@ -242,7 +242,7 @@ class TSPRCNN(nn.Module):
         coder = self.box_coders[-1]
         for i, (lg, dl, props) in enumerate(zip(logits.split(counts), deltas.split(counts), boxes)):
             scores = lg.float().softmax(dim=1)[:, :-1]                                     # (S, C)
-            per_class = dl.float().view(dl.shape[0], -1, 4)                                 # (S, C or 1, 4)
+            per_class = dl.float().view(dl.shape[0], dl.shape[1] // 4, 4)                   # (S, C or 1, 4)
             decoded = coder.decode(per_class, props.float()[:, None, :].expand_as(per_class))
             decoded = clip_boxes_to_image(decoded.reshape(-1, 4), tuple(image_sizes[i])).view(per_class.shape)
             decoded = decoded.expand(-1, self.num_classes, -1)
