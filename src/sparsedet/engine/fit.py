@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .optim import build_optimizer, warmup_multistep
+from .optim import ScheduleSet, build_optimizer
 
 
 def fit_batch(model: nn.Module, images: Sequence[Tensor], targets: Sequence[dict], iterations: int,
@@ -33,7 +33,7 @@ def fit_batch(model: nn.Module, images: Sequence[Tensor], targets: Sequence[dict
     """
     model.train()
     optimizer = build_optimizer(model, solver)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_multistep(solver))
+    schedule = ScheduleSet(optimizer, solver)
     clip = solver.get("clip_grad_norm")
     history = []
     bar = tqdm(range(iterations), desc="train", disable=not progress, dynamic_ncols=True)
@@ -44,6 +44,7 @@ def fit_batch(model: nn.Module, images: Sequence[Tensor], targets: Sequence[dict
             raise FloatingPointError(f"loss is {total.item()} at iteration {iteration}: lower solver.base_lr")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        optimizer.clip_grad_norms()  # per-group clips of solver.param_groups
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
         optimizer.step()

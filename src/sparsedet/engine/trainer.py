@@ -4,8 +4,8 @@ One iteration = one optimizer step over ``solver.images_per_batch`` images in to
 processes, all accumulation micro-steps). What the loop does, in order, each iteration:
 ``accumulate_steps`` forward/backward passes under optional AMP, a NaN/inf guard that skips the
 step (all processes together) and stops after ``solver.max_nonfinite_steps`` in a row, gradient
-clipping (``clip_grad_norm`` full-model L2 or ``clip_grad_value``), the optimizer and LR-schedule
-steps, logging, and at the configured periods evaluation and checkpointing.
+clipping (per ``solver.param_groups`` entry, then ``clip_grad_norm`` full-model L2 or
+``clip_grad_value``), the optimizer(s) and LR-schedule steps (``engine/optim.py``), logging, and at the configured periods evaluation and checkpointing.
 
 Output folder: ``last.pth`` (resumable), ``best.pth`` (highest val AP), ``config.yaml`` (resolved),
 ``metrics.jsonl`` + ``tensorboard/``, ``train.log``, ``eval/`` results json per evaluation.
@@ -45,14 +45,14 @@ from ..models.build import model_config
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean, any_process, init_distributed
 from .evaluate import evaluate_model
 from .metrics_log import MetricsLog
-from .optim import build_optimizer, warmup_multistep
+from .optim import ScheduleSet, build_optimizer
 
 log = logging.getLogger("sparsedet.train")
 
 SOLVER_DEFAULTS = {
     "images_per_batch": 16, "accumulate_steps": 1, "max_iter": 1000, "amp": False, "seed": 0,
     "eval_period": 0, "checkpoint_period": 0, "log_period": 20, "max_nonfinite_steps": 5,
-    "clip_grad_norm": None, "clip_grad_value": None,
+    "clip_grad_norm": None, "clip_grad_value": None, "sync_bn": False,
 }
 
 
@@ -98,9 +98,14 @@ class Trainer:
         self._record_classes()
 
         torch.manual_seed(int(self.solver["seed"]))
-        self.model = build_model(self.config).to(self.ctx.device)
+        self.model = build_model(self.config)
+        if self.solver["sync_bn"] and self.ctx.enabled and self.ctx.device.type == "cuda":
+            # Trainable BatchNorm (e.g. TSP's P6/P7 block) normalises over the global batch, as
+            # detectron2's SyncBN; FrozenBatchNorm is not a BatchNorm and stays as it is.
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.ctx.device)
         self.optimizer = build_optimizer(self.model, self.solver)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_multistep(self.solver))
+        self.scheduler = ScheduleSet(self.optimizer, self.solver)
         self.amp_dtype = torch.float16 if self.ctx.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(self.ctx.device.type,
                                            enabled=bool(self.solver["amp"]) and self.ctx.device.type == "cuda")
@@ -324,12 +329,13 @@ class Trainer:
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
             return summed, False
-        self.scaler.unscale_(self.optimizer)
+        self.optimizer.unscale_(self.scaler)
+        self.optimizer.clip_grad_norms()  # per-group clips of solver.param_groups
         if self.solver["clip_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.solver["clip_grad_norm"]))
         if self.solver["clip_grad_value"]:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), float(self.solver["clip_grad_value"]))
-        self.scaler.step(self.optimizer)
+        self.optimizer.step(self.scaler)
         self.scaler.update()
         self.scheduler.step()
         return all_reduce_mean(summed, self.ctx.device), True

@@ -55,7 +55,8 @@ class FPNConfig:
             ``top_block``.
         channels: output channels of every level.
         top_block: ``none``, ``maxpool`` (P6 = max-pool of P5), ``p6p7_from_c5`` or ``p6p7_from_p5``
-            (stride-2 3x3 convs, as RetinaNet / FCOS).
+            (stride-2 3x3 convs, as RetinaNet / FCOS), or ``p6p7_bn_from_p5`` (TSP's "MYFPN": each of
+            those convs followed by BatchNorm, ReLU only between P6 and P7).
     """
 
     in_stages: tuple = (2, 3, 4, 5)

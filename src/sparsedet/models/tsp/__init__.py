@@ -1,0 +1,3 @@
+"""TSP-FCOS and TSP-RCNN (Sun et al., "Rethinking Transformer-based Set Prediction for Object
+Detection", ICCV 2021): encoder-only transformers over FCOS features of interest / RPN RoIs,
+trained with a restricted set-prediction loss. Spec: tsp.md."""
