@@ -12,8 +12,7 @@ from .fcos import FCOS, FCOSConfig, QueryDetFCOSConfig
 from .querydet import QueryDet, QueryDetConfig
 from .retinanet import RetinaNet, RetinaNetConfig
 from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
-from .tsp.rcnn_config import TSPRCNNConfig
-from .tsp.rcnn_detector import TSPRCNN
+from .tsp import TSPRCNN, TSPRCNNConfig
 
 # model.name -> (typed config, detector class)
 MODELS = {

@@ -1,3 +1,7 @@
 """TSP-FCOS and TSP-RCNN (Sun et al., "Rethinking Transformer-based Set Prediction for Object
 Detection", ICCV 2021): encoder-only transformers over FCOS features of interest / RPN RoIs,
 trained with a restricted set-prediction loss. Spec: tsp.md."""
+from .rcnn_config import TSPRCNNConfig
+from .rcnn_detector import TSPRCNN
+
+__all__ = ["TSPRCNN", "TSPRCNNConfig"]
