@@ -301,3 +301,16 @@ def test_parameter_counts_match_the_paper():
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny_model(override)
+
+
+def test_explain_draws_the_encoder_rois(single_thread):
+    from sparsedet.explain import explain_prediction
+
+    model = tiny_model()
+    model.config["input"].update(min_size_test=96, max_size_test=128)
+    model.train()
+    picture = explain_prediction(model, torch.rand(3, 120, 160) * 255)
+    assert picture.size[0] > 500 and picture.size[1] > 200
+    assert model.training                                   # left as it was
+    rois = model.last_rois[0]
+    assert 0 < len(rois["boxes"]) <= 40 and ((rois["scores"] >= 0) & (rois["scores"] <= 1)).all()

@@ -37,6 +37,10 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
 
     CSQ is switched on for this call when the model's config has it off; the model is left as it was.
     """
+    if (getattr(model, "config", {}) or {}).get("model", {}).get("name") == "tsp_rcnn":
+        from .explain_tsp_rcnn import explain_tsp_rcnn
+
+        return explain_tsp_rcnn(model, image, score_threshold)
     _require_query_head(model)
     original = read_image(image) if isinstance(image, (str, Path)) else image
     input_cfg = (getattr(model, "config", {}) or {}).get("input", {})
