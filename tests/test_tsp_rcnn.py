@@ -314,3 +314,13 @@ def test_explain_draws_the_encoder_rois(single_thread):
     assert model.training                                   # left as it was
     rois = model.last_rois[0]
     assert 0 < len(rois["boxes"]) <= 40 and ((rois["scores"] >= 0) & (rois["scores"] <= 1)).all()
+
+
+def test_demo_runs_tsp_rcnn(tmp_path, single_thread):
+    from sparsedet.demo import run_demo
+
+    stats = run_demo(tmp_path, iterations=2, model="tsp_rcnn", num_train=4, num_val=2, image_size=96)
+    assert 0.0 <= stats["AP"] <= 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "TSP-RCNN" in report and (tmp_path / "train" / "last.pth").is_file()
+    assert any(p.name.endswith("_explain.png") for p in (tmp_path / "predictions").glob("*.png"))
