@@ -324,3 +324,13 @@ def test_demo_runs_tsp_rcnn(tmp_path, single_thread):
     report = (tmp_path / "report.md").read_text()
     assert "TSP-RCNN" in report and (tmp_path / "train" / "last.pth").is_file()
     assert any(p.name.endswith("_explain.png") for p in (tmp_path / "predictions").glob("*.png"))
+
+
+def test_cascade_scales_the_roi_feature_gradient():
+    from sparsedet.models.tsp.rcnn_detector import _ScaleGradient
+
+    x = torch.ones(3, requires_grad=True)
+    y = _ScaleGradient.apply(x, 0.5)
+    assert torch.equal(y, x.detach())
+    (y * 4).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
