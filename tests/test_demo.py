@@ -8,7 +8,7 @@ import pytest
 from sparsedet.demo import run_demo
 
 
-@pytest.mark.parametrize("model", ["querydet", "sparse_rcnn"])
+@pytest.mark.parametrize("model", ["querydet", "sparse_rcnn", "tsp_fcos"])
 def test_demo_writes_a_complete_report(tmp_path, model, single_thread):
     stats = run_demo(tmp_path, iterations=2, model=model, num_train=6, num_val=3, image_size=96)
     assert 0.0 <= stats["AP"] <= 1.0

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
                          help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
-                              "Sparse Query (<name>_explain.png)")
+                              "Sparse Query; TSP-FCOS: the features of interest that entered the encoder "
+                              "(<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=_cmd_predict)
 
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
-    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_rcnn"],
+    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos", "tsp_rcnn"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
     demo.set_defaults(func=_cmd_demo)

@@ -22,7 +22,7 @@ DEFAULT_MODEL = "querydet"
 # Sparse R-CNN, like every set-prediction detector, converges slowly: on this budget it learns the
 # boxes but not yet the classes, so its demo config runs 3000 steps.
 DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo",
-                "tsp_rcnn": "tsp_rcnn/mobilenetv2_fpn_demo"}
+                "tsp_fcos": "tsp_fcos/mobilenetv2_fpn_demo", "tsp_rcnn": "tsp_rcnn/mobilenetv2_fpn_demo"}
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 # Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
@@ -117,7 +117,7 @@ def _compare_csq(trainer: Trainer) -> dict:
 
 
 def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[Path]:
-    """Annotated predictions on the first val images (and the explanation figure for QueryDet / TSP-RCNN)."""
+    """Annotated predictions on the first val images (and the --explain figure for QueryDet / TSP-FCOS / TSP-RCNN)."""
     from .engine.evaluate import predict_dataset
     from .visualize import draw_detections
 
@@ -132,7 +132,7 @@ def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[
         draw_detections(record.image_path, predictions[record.image_id], trainer.val_set.class_names,
                         score_threshold=SHOWN_SCORE).save(path)
         pictures.append(path)
-    if config["model"]["name"] in ("querydet", "tsp_rcnn") and shown:
+    if config["model"]["name"] in ("querydet", "tsp_fcos", "tsp_rcnn") and shown:
         from .explain import explain_prediction
 
         path = folder / f"{shown[0].image_path.stem}_explain.png"
@@ -147,6 +147,10 @@ def describe_model(config: dict) -> str:
     backbone = f"{model['backbone']['name']}-FPN, {model['fpn']['channels']} channels"
     if model["name"] == "sparse_rcnn":
         return f"Sparse R-CNN ({backbone}, {model['num_proposals']} proposals, {model['num_stages']} stages)"
+    if model["name"] == "tsp_fcos":
+        t = model["transformer"]
+        return (f"TSP-FCOS ({backbone}, {model['foi']['num_foi']} FoIs, {t['num_layers']}-layer "
+                f"d={t['d_model']} encoder)")
     if model["name"] == "tsp_rcnn":
         roi = model["roi_heads"]
         return (f"TSP-RCNN ({backbone}, {model['rpn']['num_proposals']} RPN proposals into a {roi['num_layers']}-layer "

@@ -4,7 +4,8 @@
 panels over it: the dense query heat-map on the start level (P4), the query scores at the P3
 positions the cascade evaluated, the queried sites on P3 and on P2 (the only positions where the
 high-resolution heads produced outputs), each with the final detections. ``sparsedet predict
---explain`` writes it next to the annotated image.
+--explain`` writes it next to the annotated image. Models listed in ``EXPLAINERS`` (TSP) draw their
+own figure (``explain_tsp``: the FoIs / RoIs that entered the transformer).
 """
 from __future__ import annotations
 
@@ -24,6 +25,24 @@ from .data.transforms import resize_shortest_edge
 from .visualize import class_colour
 
 
+# model.name -> (module of sparsedet, function): models whose --explain figure lives in its own module.
+EXPLAINERS = {
+    "tsp_fcos": ("explain_tsp", "explain_tsp_fcos"),
+    "tsp_rcnn": ("explain_tsp_rcnn", "explain_tsp_rcnn"),
+}
+
+
+def _own_explainer(model: nn.Module):
+    """The figure function registered in ``EXPLAINERS`` for this model's ``model.name``, or None."""
+    import importlib
+
+    name = (getattr(model, "config", {}) or {}).get("model", {}).get("name")
+    if name not in EXPLAINERS:
+        return None
+    module, function = EXPLAINERS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+
 def _require_query_head(model: nn.Module) -> None:
     if getattr(model, "query_head", None) is None or not hasattr(model, "cfg") or not hasattr(model.cfg, "csq"):
         name = (getattr(model, "config", {}) or {}).get("model", {}).get("name", type(model).__name__)
@@ -36,11 +55,11 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
     """A 2x2 figure of the CSQ query maps and active sites on ``image`` (path or (3, H, W) 0-255).
 
     CSQ is switched on for this call when the model's config has it off; the model is left as it was.
+    Models registered in ``EXPLAINERS`` (TSP) draw their own figure instead.
     """
-    if (getattr(model, "config", {}) or {}).get("model", {}).get("name") == "tsp_rcnn":
-        from .explain_tsp_rcnn import explain_tsp_rcnn
-
-        return explain_tsp_rcnn(model, image, score_threshold)
+    explainer = _own_explainer(model)
+    if explainer is not None:
+        return explainer(model, image, score_threshold)
     _require_query_head(model)
     original = read_image(image) if isinstance(image, (str, Path)) else image
     input_cfg = (getattr(model, "config", {}) or {}).get("input", {})

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional, Union
 
 from ..checkpoint import extract_state_dict, read_weights_file, save_atomic
 from . import querydet, sparse_rcnn, tsp_rcnn
+from .tsp_fcos import convert_tsp_fcos, is_tsp_fcos
 from .common import ConversionResult
 from .sparse_rcnn import infer_overrides, looks_official
 
@@ -20,6 +21,7 @@ CONVERTERS: "dict[str, Callable[[Mapping, str], ConversionResult]]" = {
     "sparse_rcnn": sparse_rcnn.convert_state_dict,
     "querydet": querydet.convert_querydet,
     "retinanet": querydet.convert_retinanet,
+    "tsp_fcos": convert_tsp_fcos,
     "tsp_rcnn": tsp_rcnn.convert_tsp_rcnn,
 }
 
@@ -29,7 +31,8 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
     """Converts an official checkpoint to sparsedet layout.
 
     Args:
-        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``).
+        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``,
+            ``tsp_fcos``).
         src: a ``.pth`` (bare state_dict or ``{"model": state_dict, ...}``) or detectron2 ``.pkl``
             (numpy arrays) file, or an already-loaded dict of the same.
         dst: if given, the bare converted state_dict is written there atomically; it loads with
@@ -64,6 +67,8 @@ def official_architecture(state: Mapping[str, object]) -> Optional[str]:
     is not in an official layout (e.g. already sparsedet's)."""
     if not looks_official(state):
         return None
+    if is_tsp_fcos(state):
+        return "tsp_fcos"
     if any(k.startswith("proposal_generator.rpn_head.obj_bn_list.") for k in state):
         return "tsp_rcnn"
     if any(k.startswith(("det_head.", "query_head.")) for k in state):

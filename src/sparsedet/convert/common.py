@@ -19,11 +19,13 @@ class ConversionResult:
         config_overrides: dotted overrides (``{"model.num_proposals": 300, ...}``) that, applied to
             the converter's base config, build a model this state_dict loads into with strict=True.
         report: a few human-readable lines: source, layout, key counts, inferred config, notes.
+        base_config: the bundled config the overrides apply to (``None``: the caller knows it).
     """
 
     state_dict: "OrderedDict[str, torch.Tensor]"
     config_overrides: dict
     report: str = ""
+    base_config: "str | None" = None
 
 
 def _render_numbers(values: Iterable[int]) -> str:

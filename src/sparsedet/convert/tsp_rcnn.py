@@ -205,7 +205,7 @@ def convert_tsp_rcnn(state: Mapping[str, torch.Tensor], source: str = "checkpoin
         f"  not stored in the weights, taken from {BASE_CONFIG}: anchors (P3 51.80), attention heads, "
         "box coder weights, input format (caffe BGR)",
     ])
-    return ConversionResult(converted, overrides, report)
+    return ConversionResult(converted, overrides, report, base_config=BASE_CONFIG)
 
 
 def _model_shapes(overrides: dict, source: str) -> "OrderedDict[str, tuple]":

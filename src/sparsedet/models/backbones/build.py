@@ -88,8 +88,15 @@ def build_backbone(backbone: BackboneConfig, fpn: FPNConfig) -> BackboneWithFPN:
         raise ConfigError(f"model.backbone.name must be 'resnet' or 'mobilenet_v2', got {backbone.name!r}")
     if fpn.top_block not in TOP_BLOCKS:
         raise ConfigError(f"model.fpn.top_block must be one of {sorted(TOP_BLOCKS)}, got {fpn.top_block!r}")
+    lacking = [s for s in fpn.in_stages if f"c{s}" not in body.out_channels]
+    if lacking:
+        raise ConfigError(f"model.fpn.in_stages names stages {lacking} that backbone {backbone.name} does not have "
+                          f"(it has {sorted(body.out_channels)})")
     in_channels = [body.out_channels[f"c{s}"] for s in fpn.in_stages]
-    neck = FPN(tuple(fpn.in_stages), in_channels, fpn.channels, tuple(fpn.out_levels), fpn.top_block)
+    try:
+        neck = FPN(tuple(fpn.in_stages), in_channels, fpn.channels, tuple(fpn.out_levels), fpn.top_block)
+    except ValueError as err:
+        raise ConfigError(f"model.fpn.out_levels: {err}") from err
     if backbone.weights:
         load_body_weights(body, backbone)
     return BackboneWithFPN(body, neck)

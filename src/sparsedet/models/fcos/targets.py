@@ -35,7 +35,17 @@ def centerness_targets(ltrb: Tensor) -> Tensor:
 def fcos_targets(points: Sequence[Tensor], strides: Sequence[int], regression_ranges: Sequence[Sequence[float]],
                  boxes: Tensor, labels: Tensor, num_classes: int,
                  center_sampling_radius: float = 1.5) -> tuple[list[Tensor], list[Tensor]]:
-    """FCOS assignment for one image.
+    """FCOS assignment for one image, split per level (``fcos_assignment`` without the GT index)."""
+    classes, ltrb, _ = fcos_assignment(points, strides, regression_ranges, boxes, labels, num_classes,
+                                       center_sampling_radius)
+    sizes = [p.shape[0] for p in points]
+    return list(classes.split(sizes)), list(ltrb.split(sizes))
+
+
+def fcos_assignment(points: Sequence[Tensor], strides: Sequence[int], regression_ranges: Sequence[Sequence[float]],
+                    boxes: Tensor, labels: Tensor, num_classes: int,
+                    center_sampling_radius: float = 1.5) -> tuple[Tensor, Tensor, Tensor]:
+    """FCOS assignment for one image, all levels concatenated (R = sum of R_l points).
 
     A point is a *candidate* for GT g iff
       * it lies strictly inside g (all of l, t, r, b > 0), or, with ``center_sampling_radius`` r > 0,
@@ -52,16 +62,18 @@ def fcos_targets(points: Sequence[Tensor], strides: Sequence[int], regression_ra
         boxes: (M, 4) xyxy GT boxes; labels: (M,) int64 in [0, K).
 
     Returns:
-        classes: per level, (R_l,) int64: the GT's class, or ``num_classes`` for background.
-        ltrb: per level, (R_l, 4) float32 distances (l, t, r, b) in pixels to the assigned GT's sides
+        classes: (R,) int64: the GT's class, or ``num_classes`` for background.
+        ltrb: (R, 4) float32 distances (l, t, r, b) in pixels to the assigned GT's sides
             (zeros for background).
+        gt_index: (R,) int64: the assigned GT's row in ``boxes``, or -1 for background.
     """
     sizes = [p.shape[0] for p in points]
     device = points[0].device
     pts = torch.cat(points)                                                            # (R, 2)
     if boxes.shape[0] == 0:
-        return ([torch.full((n,), num_classes, dtype=torch.int64, device=device) for n in sizes],
-                [torch.zeros(n, 4, device=device) for n in sizes])
+        total = sum(sizes)
+        return (torch.full((total,), num_classes, dtype=torch.int64, device=device),
+                torch.zeros(total, 4, device=device), torch.full((total,), -1, dtype=torch.int64, device=device))
     boxes = boxes.to(device=device, dtype=torch.float32)
     stride = torch.cat([torch.full((n,), float(s), device=device) for n, s in zip(sizes, strides)])
     low = torch.cat([torch.full((n,), float(r[0]), device=device) for n, r in zip(sizes, regression_ranges)])
@@ -88,4 +100,5 @@ def fcos_targets(points: Sequence[Tensor], strides: Sequence[int], regression_ra
     classes[background] = num_classes
     assigned = ltrb[torch.arange(pts.shape[0], device=device), gt]
     assigned[background] = 0.0
-    return list(classes.split(sizes)), list(assigned.split(sizes))
+    gt = gt.masked_fill(background, -1)
+    return classes, assigned, gt

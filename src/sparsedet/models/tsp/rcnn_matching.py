@@ -1,9 +1,9 @@
 """TSP-RCNN's matching of proposals to GT boxes (spec §3.7 step 3, §3.10).
 
 The official matching is not Hungarian: each eligible proposal can only belong to its argmax-IoU GT,
-so the restricted bipartite matching reduces to a per-GT argmin over that GT's candidates (equal to
-``scipy.optimize.linear_sum_assignment`` on the cost matrix with +inf outside each GT's candidates).
-The DETR-loss baseline matches every proposal against every GT with the Hungarian algorithm.
+so it is the shared ``restricted_matching.restricted_match`` (a per-GT argmin). ``restricted_matching``
+here turns its per-GT answer into a per-proposal mask. The DETR-loss baseline matches every proposal
+against every GT with the Hungarian algorithm.
 """
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-NO_CANDIDATE_COST = 1e9  # official fill value; a row minimum >= 9e8 means "this GT has no candidate"
+from .restricted_matching import restricted_match
 
 
 @torch.no_grad()
 def restricted_matching(cost: Tensor, gt_indices: Tensor, eligible: Tensor) -> Tensor:
-    """Per GT, its cheapest eligible candidate.
+    """Per GT, its cheapest eligible candidate, as a mask.
 
     Args:
         cost: (S,) matching cost of each proposal against its own GT.
-        gt_indices: (S,) int64 index of that GT within the image.
+        gt_indices: (S,) int64 index of that GT (unique over the batch).
         eligible: (S,) bool, proposals with IoU >= threshold to their argmax GT.
 
     Returns:
@@ -30,12 +30,9 @@ def restricted_matching(cost: Tensor, gt_indices: Tensor, eligible: Tensor) -> T
     matched = torch.zeros_like(eligible)
     if not bool(eligible.any()):
         return matched
-    num_gt = int(gt_indices[eligible].max()) + 1
-    matrix = cost.new_full((num_gt, cost.shape[0]), NO_CANDIDATE_COST)
-    columns = torch.nonzero(eligible).squeeze(1)
-    matrix[gt_indices[columns], columns] = cost[columns]
-    best_cost, best_column = matrix.min(dim=1)
-    matched[best_column[best_cost < 0.9 * NO_CANDIDATE_COST]] = True
+    index = torch.where(eligible, gt_indices, torch.full_like(gt_indices, -1))
+    chosen = restricted_match(cost, index, int(gt_indices[eligible].max()) + 1)
+    matched[chosen[chosen >= 0]] = True
     return matched
 
 
