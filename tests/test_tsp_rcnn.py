@@ -91,6 +91,8 @@ def test_proposal_labels_argmax_gt_and_inclusive_threshold():
     assert labelled.gt_classes.tolist() == [3, 5, 1]
     assert labelled.gt_indices.tolist() == [0, 1, 1]
     assert torch.equal(labelled.gt_boxes[2], gts[1])
+    paper = label_proposals(proposals, gts, torch.tensor([3, 1]), num_classes=5, iou_threshold=0.5, strict=True)
+    assert paper.gt_classes.tolist() == [5, 5, 1]                # paper: IoU > 0.5
     empty = label_proposals(proposals, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 5, 0.5)
     assert empty.gt_classes.tolist() == [5, 5, 5]
 
@@ -117,6 +119,7 @@ def test_keep_ratio_range():
     assert min(counts) < 500 and max(counts) > 690
     assert abs(np.mean(counts) - 0.85 * n) < 10
     assert random_keep(5, 1.0).tolist() == [0, 1, 2, 3, 4]
+    assert len(random_keep(700, 0.3, generator, keep_ratio_max=0.3)) == 210   # the paper's "drop 70 %" literally
 
 
 def test_noisy_gt_fallback_only_without_foreground():
@@ -293,6 +296,8 @@ def test_parameter_counts_match_the_paper():
 @pytest.mark.parametrize("override, key", [
     ("model.roi_heads.position_encoding=sine", "model.roi_heads.position_encoding"),
     ("model.loss.type=hungarian", "model.loss.type"),
+    ("model.roi_heads.iou_comparison=greater", "model.roi_heads.iou_comparison"),
+    ("model.roi_heads.keep_ratio_max=0.5", "keep_ratio_max"),
     ("model.rpn.anchor_preset=yolo", "model.rpn.anchor_preset"),
     ("model.roi_heads.in_levels=[1,2,3]", "model.roi_heads.in_levels"),
     ("model.rpn.levels=[3,4,5,6,7,8]", "model.rpn.levels"),

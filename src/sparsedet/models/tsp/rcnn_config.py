@@ -18,6 +18,7 @@ ANCHOR_PRESETS = {
 }
 POSITION_ENCODINGS = ("box8", "box4", "none")
 LOSS_TYPES = ("tsp", "detr")
+IOU_COMPARISONS = ("at_least", "above")
 
 
 @dataclass
@@ -88,10 +89,12 @@ class TSPRoIHeadsConfig:
     Attributes:
         in_levels: FPN levels RoIAlign pools from (P2..P5; level by box size, ROIAlignV2 ``aligned``).
         pooler_resolution, sampling_ratio: RoIAlign output side (7) and samples per bin (0 = adaptive).
-        iou_threshold: a proposal is foreground of its argmax-IoU GT when IoU >= this (0.5; paper "> 0.5").
+        iou_threshold: a proposal is foreground of its argmax-IoU GT when its IoU reaches this (0.5).
+        iou_comparison: ``at_least`` (code: IoU >= iou_threshold) or ``above`` (paper: IoU > iou_threshold).
         batch_size_per_image, positive_fraction: proposals sampled per image (700, 0.25: at most 175 fg).
-        keep_ratio_min: training only: per image keep ``int(n * f)`` random proposals, f ~ U(keep_ratio_min,
-            1] (official 0.7: "keep 70-100 %"); 1.0 turns the random keep off.
+        keep_ratio_min, keep_ratio_max: training only: per image keep ``int(n * f)`` random proposals,
+            f ~ U(keep_ratio_min, keep_ratio_max] (official 0.7, 1.0: "keep 70-100 %"; the paper's text
+            "randomly drop 70 % inputs" read literally is 0.3, 0.3); keep_ratio_min 1.0 turns it off.
         num_fc: input projection depth: 1 = Linear(12544, d) (script), 2 = Linear(12544, 1024) + ReLU +
             Linear(1024, d) (the paper's 63.6 M parameters).
         fc_dim: hidden width of the 2-layer projection (1024).
@@ -101,16 +104,19 @@ class TSPRoIHeadsConfig:
             ablation "w/o positional encoding").
         cls_agnostic_bbox_reg: one box per proposal instead of one per class (required by the cascade).
         box_weights, box_scale_clamp: delta coder of the predictor ((10, 10, 5, 5), log(1000 / 16)).
-        score_threshold, nms_threshold, max_detections: inference (0.0, class-wise NMS 0.7, 100).
+        score_threshold, nms_threshold, max_detections: inference (0.0, class-wise NMS 0.7, 100);
+            nms_threshold 1.0 = no NMS (the paper's pure set prediction, which the code does not use).
     """
 
     in_levels: tuple = (2, 3, 4, 5)
     pooler_resolution: int = 7
     sampling_ratio: int = 0
     iou_threshold: float = 0.5
+    iou_comparison: str = "at_least"
     batch_size_per_image: int = 700
     positive_fraction: float = 0.25
     keep_ratio_min: float = 0.7
+    keep_ratio_max: float = 1.0
     num_fc: int = 1
     fc_dim: int = 1024
     d_model: int = 512
@@ -239,8 +245,12 @@ def check_tsp_rcnn_config(cfg: TSPRCNNConfig) -> None:
     if roi.d_model % divisor or roi.d_model % roi.num_heads:
         raise ConfigError(f"model.roi_heads.d_model ({roi.d_model}) must be divisible by num_heads ({roi.num_heads}) "
                           f"and by {divisor} for position_encoding={roi.position_encoding!r}")
-    if not 0.0 < roi.keep_ratio_min <= 1.0:
-        raise ConfigError(f"model.roi_heads.keep_ratio_min must be in (0, 1], got {roi.keep_ratio_min}")
+    if not 0.0 < roi.keep_ratio_min <= roi.keep_ratio_max <= 1.0:
+        raise ConfigError(f"model.roi_heads.keep_ratio_min / keep_ratio_max must satisfy 0 < min <= max <= 1, got "
+                          f"{roi.keep_ratio_min} / {roi.keep_ratio_max}")
+    if roi.iou_comparison not in IOU_COMPARISONS:
+        raise ConfigError(f"model.roi_heads.iou_comparison must be one of {list(IOU_COMPARISONS)}, "
+                          f"got {roi.iou_comparison!r}")
     if not 0.0 < roi.positive_fraction <= 1.0 or roi.batch_size_per_image < 1:
         raise ConfigError("model.roi_heads: positive_fraction must be in (0, 1] and batch_size_per_image >= 1")
     if loss.type not in LOSS_TYPES:

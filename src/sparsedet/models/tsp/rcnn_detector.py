@@ -192,14 +192,16 @@ class TSPRCNN(nn.Module):
         gt = [(t["boxes"].to(proposals[0][0].device, torch.float32), t["labels"].to(proposals[0][0].device, torch.int64))
               for t in targets]
         labelled = [sample_training_proposals(p[0], boxes, labels, C, self.stages[0][0], roi.batch_size_per_image,
-                                              roi.positive_fraction, roi.keep_ratio_min)
+                                              roi.positive_fraction, roi.keep_ratio_min, keep_ratio_max=roi.keep_ratio_max,
+                                              strict=roi.iou_comparison == "above")
                     for p, (boxes, labels) in zip(proposals, gt)]
         losses: dict[str, Tensor] = {}
         previous = None
         boxes = [lp.boxes for lp in labelled]
         for stage, (iou_threshold, _) in enumerate(self.stages):
             if stage > 0 and not self.cfg.cascade.inherit_match:
-                labelled = [label_proposals(b, gb, gl, C, iou_threshold) for b, (gb, gl) in zip(boxes, gt)]
+                labelled = [label_proposals(b, gb, gl, C, iou_threshold, roi.iou_comparison == "above")
+                            for b, (gb, gl) in zip(boxes, gt)]
             elif stage > 0:
                 labelled = [LabelledProposals(b, *lp[1:]) for b, lp in zip(boxes, labelled)]
             logits, deltas, encoded, mask = self.run_stage(stage, roi_features, boxes, image_sizes, previous)

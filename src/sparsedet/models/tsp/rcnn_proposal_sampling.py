@@ -29,9 +29,9 @@ class LabelledProposals(NamedTuple):
 
 
 def label_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int,
-                    iou_threshold: float) -> LabelledProposals:
-    """Each proposal takes its argmax-IoU GT; foreground iff that IoU >= ``iou_threshold`` (no
-    low-quality matches, detectron2 ``Matcher([thr], [0, 1])``).
+                    iou_threshold: float, strict: bool = False) -> LabelledProposals:
+    """Each proposal takes its argmax-IoU GT; foreground iff that IoU >= ``iou_threshold`` (code: no
+    low-quality matches, detectron2 ``Matcher([thr], [0, 1])``), or IoU > threshold with ``strict`` (paper).
 
     Args:
         proposals: (P, 4) xyxy; gt_boxes: (M, 4) xyxy; gt_labels: (M,) in [0, num_classes).
@@ -42,7 +42,8 @@ def label_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_
                                  torch.zeros_like(proposals), torch.zeros(num, dtype=torch.int64, device=proposals.device))
     best_iou, best_gt = box_iou(gt_boxes.float(), proposals.float()).max(dim=0)
     classes = gt_labels.to(torch.int64)[best_gt]
-    classes = torch.where(best_iou >= iou_threshold, classes, torch.full_like(classes, num_classes))
+    foreground = best_iou > iou_threshold if strict else best_iou >= iou_threshold
+    classes = torch.where(foreground, classes, torch.full_like(classes, num_classes))
     return LabelledProposals(proposals, classes, gt_boxes[best_gt].to(proposals.dtype), best_gt)
 
 
@@ -75,27 +76,29 @@ def sample_foreground_background(gt_classes: Tensor, num_classes: int, batch_siz
 
 
 def random_keep(num: int, keep_ratio_min: float, generator: Optional[torch.Generator] = None,
-                device=None) -> Tensor:
-    """Indices of ``int(num * f)`` distinct random rows, f = 1 - U[0, 1) * (1 - keep_ratio_min), i.e.
-    f in (keep_ratio_min, 1] (official: keep 70-100 %). ``keep_ratio_min = 1`` keeps every row in order."""
+                device=None, keep_ratio_max: float = 1.0) -> Tensor:
+    """Indices of ``int(num * f)`` distinct random rows, f = max - U[0, 1) * (max - min), i.e. f in
+    (keep_ratio_min, keep_ratio_max] (official: keep 70-100 %). min = max = 1 keeps every row in order."""
     if keep_ratio_min >= 1.0:
         return torch.arange(num, device=device)
-    fraction = 1.0 - float(torch.rand((), generator=generator)) * (1.0 - keep_ratio_min)
+    fraction = keep_ratio_max - float(torch.rand((), generator=generator)) * (keep_ratio_max - keep_ratio_min)
     return torch.randperm(num, generator=generator)[:int(num * fraction)].to(device)
 
 
 def sample_training_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int,
                               iou_threshold: float, batch_size: int, positive_fraction: float,
-                              keep_ratio_min: float, generator: Optional[torch.Generator] = None) -> LabelledProposals:
+                              keep_ratio_min: float, generator: Optional[torch.Generator] = None,
+                              keep_ratio_max: float = 1.0, strict: bool = False) -> LabelledProposals:
     """The whole spec §3.3 pipeline for one image: label, noisy-GT fallback, sample, random keep.
 
     GT boxes are *not* appended (unlike stock detectron2), except the noisy copies when the image has
     GT boxes but no foreground proposal.
     """
-    labelled = label_proposals(proposals, gt_boxes, gt_labels, num_classes, iou_threshold)
+    labelled = label_proposals(proposals, gt_boxes, gt_labels, num_classes, iou_threshold, strict)
     if gt_boxes.shape[0] and not bool((labelled.gt_classes < num_classes).any()):
         boxes = torch.cat((proposals, noisy_gt_boxes(gt_boxes.to(proposals.dtype), generator)))
-        labelled = label_proposals(boxes, gt_boxes, gt_labels, num_classes, iou_threshold)
+        labelled = label_proposals(boxes, gt_boxes, gt_labels, num_classes, iou_threshold, strict)
     labelled = labelled.select(sample_foreground_background(labelled.gt_classes, num_classes, batch_size,
                                                             positive_fraction, generator))
-    return labelled.select(random_keep(labelled.boxes.shape[0], keep_ratio_min, generator, labelled.boxes.device))
+    return labelled.select(random_keep(labelled.boxes.shape[0], keep_ratio_min, generator, labelled.boxes.device,
+                                       keep_ratio_max))
