@@ -339,3 +339,42 @@ def test_cascade_scales_the_roi_feature_gradient():
     assert torch.equal(y, x.detach())
     (y * 4).sum().backward()
     assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_padded_batch_equals_images_alone(single_thread):
+    """Images with different proposal counts share one padded encoder batch: the key padding mask
+    must make every image's outputs equal to running it alone."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    features = [torch.randn(2, 32, 64 // 2 ** lvl, 96 // 2 ** lvl) for lvl in model.roi_levels]
+    xy = torch.rand(9, 2) * 40
+    boxes = [torch.cat((xy[:6], xy[:6] + 10 + torch.rand(6, 2) * 30), 1),
+             torch.cat((xy[6:], xy[6:] + 10 + torch.rand(3, 2) * 30), 1)]
+    sizes = [(64, 96), (60, 90)]
+    with torch.no_grad():
+        logits, deltas, _, mask = model.run_stage(0, features, boxes, sizes, None)
+        assert mask.tolist()[1] == [False] * 3 + [True] * 3
+        for i in range(2):
+            alone_logits, alone_deltas, _, _ = model.run_stage(0, [f[i:i + 1] for f in features], [boxes[i]],
+                                                               [sizes[i]], None)
+            rows = slice(0, 6) if i == 0 else slice(6, 9)
+            assert torch.allclose(logits[rows], alone_logits, atol=1e-5)
+            assert torch.allclose(deltas[rows], alone_deltas, atol=1e-5)
+
+
+def test_official_optimizer_split():
+    """spec §4: only box_head.transformer_encoder.* on AdamW (lr 1e-4); RPN, projections, PE projection,
+    predictor on SGD (lr 0.02); norm layers without weight decay."""
+    from sparsedet.engine.optim import build_optimizer
+
+    model = tiny_model()
+    optimizer = build_optimizer(model, model.config["solver"])
+    sgd, adamw = optimizer.optimizers
+    assert type(sgd).__name__ == "SGD" and type(adamw).__name__ == "AdamW"
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert on_adamw == {n for n in names.values() if n.startswith("box_head.transformer_encoder.")}
+    assert all(g["lr"] == 1e-4 for g in adamw.param_groups) and all(g["lr"] == 0.02 for g in sgd.param_groups)
+    for g in sgd.param_groups + adamw.param_groups:
+        if any(names[id(p)].endswith(("norm.weight", "post_input_proj_norm.bias")) for p in g["params"]):
+            assert g["weight_decay"] == 0.0
