@@ -378,3 +378,38 @@ def test_official_optimizer_split():
     for g in sgd.param_groups + adamw.param_groups:
         if any(names[id(p)].endswith(("norm.weight", "post_input_proj_norm.bias")) for p in g["params"]):
             assert g["weight_decay"] == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason="engine/trainer.py: iter(DataLoader) draws a seed from the global torch RNG "
+                   "right after a resume restored it, so every model-level random draw (random keep, sampler, "
+                   "dropout) is shifted by one; creating the iterator under torch.random.fork_rng(devices=[]) "
+                   "makes this pass (checked by patching DataLoader.__iter__)")
+def test_trainer_resume_is_exact_with_random_keep_and_two_optimizers(tmp_path, single_thread):
+    """The random keep, the proposal sampler, dropout and the SGD + AdamW pair all resume bit-exactly."""
+    import json
+
+    from sparsedet.config import load_config
+    from sparsedet.data.synthetic import write_synthetic_coco
+    from sparsedet.engine.trainer import Trainer
+
+    data = write_synthetic_coco(tmp_path / "data", num_train=4, num_val=2, seed=0, height=96, width=128)
+
+    def config(max_iter):
+        solver = {"images_per_batch": 2, "max_iter": max_iter, "steps": [3], "warmup_iters": 2, "eval_period": 0,
+                  "checkpoint_period": 0, "log_period": 1, "seed": 3, "sync_bn": False}
+        return load_config("tsp_rcnn/r50_fpn_3x", TINY + [
+            f"data.train.annotations={data['train']['annotations']}", f"data.train.images={data['train']['images']}",
+            "data.val=null", "data.num_workers=0", "input.min_size_train=[64, 96]", "input.max_size_train=128",
+            "model.roi_heads.keep_ratio_min=0.5"] + [f"solver.{k}={json.dumps(v)}" for k, v in solver.items()])
+
+    def losses(output):
+        rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        return {r["iteration"]: r["total_loss"] for r in rows if r["type"] == "train"}
+
+    Trainer(config(4), tmp_path / "straight", progress=False).train()
+    Trainer(config(2), tmp_path / "resumed", progress=False).train()
+    Trainer(config(4), tmp_path / "resumed", resume=True, progress=False).train()
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4]
+    for iteration in (3, 4):
+        assert resumed[iteration] == straight[iteration], (iteration, resumed, straight)
