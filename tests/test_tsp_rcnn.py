@@ -413,3 +413,21 @@ def test_trainer_resume_is_exact_with_random_keep_and_two_optimizers(tmp_path, s
     assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4]
     for iteration in (3, 4):
         assert resumed[iteration] == straight[iteration], (iteration, resumed, straight)
+
+
+@pytest.mark.xfail(strict=True, reason="engine/optim.py: with solver.norm_weight_decay set, the transformer's norm and "
+                   "non-norm parameters land in two buckets and each gets its own clip_grad_norm, instead of one "
+                   "global L2 norm over the whole group (spec §4); the clip should be one per param_groups rule")
+def test_transformer_clip_is_one_global_norm():
+    from sparsedet.engine.optim import build_optimizer
+
+    model = tiny_model()
+    optimizer = build_optimizer(model, model.config["solver"])
+    params = [p for n, p in model.named_parameters() if n.startswith("box_head.transformer_encoder.")]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.clip_grad_norms()
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    assert total.item() == pytest.approx(0.01, rel=1e-4)
+    factors = {round(float(p.grad.flatten()[0]), 10) for p in params}
+    assert len(factors) == 1                                   # one scale for the whole group
