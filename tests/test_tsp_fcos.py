@@ -422,3 +422,61 @@ def test_explain_draws_the_selected_fois():
     assert not model.training
     sel = model.last_selection["images"][0]
     assert sel["points"].shape[0] == 50 and (sel["scores"] > 0).all()
+
+
+# ---------------------------------------------------------------- trainer: exact resume
+def test_trainer_resumes_tsp_fcos_exactly(tmp_path, single_thread):
+    """The random FoI keep and dropout draw from the checkpointed RNG, and the SGD + AdamW pair is
+    restored: the steps after a resume equal the uninterrupted run's."""
+    import json
+
+    from sparsedet.config import load_config
+    from sparsedet.data.synthetic import write_synthetic_coco
+    from sparsedet.engine.trainer import Trainer
+
+    data = write_synthetic_coco(tmp_path / "data", num_train=4, num_val=2, seed=0, height=96, width=128)
+
+    def config(max_iter):
+        overrides = TINY + [
+            "model.backbone.weights=null", "model.backbone.freeze_at=5",
+            f"data.train.annotations={data['train']['annotations']}", f"data.train.images={data['train']['images']}",
+            "data.val=null", "data.num_workers=0", "input.min_size_train=[96]", "input.max_size_train=128",
+            "solver.images_per_batch=2", f"solver.max_iter={max_iter}", "solver.steps=[3]", "solver.warmup_iters=1",
+            "solver.log_period=1", "solver.eval_period=0", "solver.checkpoint_period=0", "solver.seed=5"]
+        return load_config("tsp_fcos/mobilenetv2_fpn_cpu", overrides)
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["iteration"]: r["total_loss"] for r in rows if r["type"] == "train"}
+
+    Trainer(config(4), tmp_path / "straight", progress=False).train()
+    Trainer(config(2), tmp_path / "resumed", progress=False).train()
+    Trainer(config(4), tmp_path / "resumed", resume=True, progress=False).train()
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert resumed[3] == straight[3] and resumed[4] == straight[4], (straight, resumed)
+
+
+def test_detr_loss_baseline_matches_any_gt_of_the_image():
+    from sparsedet.models.tsp.fcos_detr_loss import tsp_fcos_detr_losses
+
+    K = 2
+    # One image, 3 FoIs, 1 GT of class 1 at [0, 0, 10, 10]: FoI 1 predicts it exactly and is matched
+    # although it could sit anywhere (no FCOS restriction).
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 3.0], [1.0, 0.0]]])
+    boxes = torch.tensor([[[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 5.0, 5.0]]])
+    centerness = torch.tensor([[0.0, 0.5, 0.0]])
+    points = torch.tensor([[[25.0, 25.0], [5.0, 5.0], [2.0, 2.0]]])
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}]
+    losses = tsp_fcos_detr_losses(logits, boxes, centerness, points, targets, [(40, 40)])
+    assert losses["loss_fcos_loc"].item() == pytest.approx(0.0, abs=1e-6)
+    full = torch.cat((logits[0], torch.zeros(3, 1)), dim=1)
+    ce = torch.nn.functional.cross_entropy(full, torch.tensor([2, 1, 2]), weight=torch.tensor([1.0, 1.0, 0.1]))
+    assert losses["loss_fcos_cls"].item() == pytest.approx(ce.item(), rel=1e-5)
+    # FoI 1 sits at the GT's centre: centerness target 1.
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(0.5), torch.tensor(1.0))
+    assert losses["loss_fcos_ctr"].item() == pytest.approx(expected.item(), rel=1e-5)
+    model = tiny_model("model.loss.set_loss=detr")
+    out = model([torch.rand(3, 128, 160) * 255],
+                [{"boxes": torch.tensor([[10.0, 10.0, 90.0, 80.0]]), "labels": torch.tensor([2])}])
+    assert set(out) == {"loss_fcos_local_cls", "loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+    sum(out.values()).backward()

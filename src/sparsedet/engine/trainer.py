@@ -112,6 +112,7 @@ class Trainer:
         self.iteration = 0
         self.best_ap = -math.inf
         resume_path = self._resume_path(resume)
+        self._resumed = resume_path is not None
         if resume_path is not None:
             self._load_checkpoint(resume_path)
         # Per-process RNG (dropout etc.) differs by rank, like detectron2's seed + rank.
@@ -235,7 +236,13 @@ class Trainer:
         s = self.solver
         max_iter, accumulate = int(s["max_iter"]), int(s["accumulate_steps"])
         previous_handler = signal.signal(signal.SIGINT, self._request_stop) if _in_main_thread() else None
+        rng_state = torch.get_rng_state()
         batches = iter(self._train_loader()) if self.iteration < max_iter else iter(())
+        if self._resumed:
+            # Starting the loader draws a seed from the global RNG. An uninterrupted run made that
+            # draw before its first step, so the restored state already includes it: undo it, or
+            # every random draw in the model (dropout, TSP's FoI / RoI keep) is shifted by one.
+            torch.set_rng_state(rng_state)
         bar = tqdm(total=max_iter, initial=self.iteration, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         nonfinite_in_a_row = 0

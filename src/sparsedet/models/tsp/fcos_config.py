@@ -10,7 +10,7 @@ from ..backbones import BackboneConfig, FPNConfig
 from ..fcos.config import FCOSTargetConfig
 
 POSITION_ENCODINGS = ("sine", "none")
-SET_LOSSES = ("restricted", "none")
+SET_LOSSES = ("restricted", "none", "detr")
 CLASS_NORMALISERS = ("mixed_2x", "matched")
 
 
@@ -89,9 +89,14 @@ class TSPFCOSLossConfig:
         set_loss: ``restricted`` (official): each GT is matched to the cheapest of the selected FoIs
             FCOS assigned to it; the other eligible FoIs are duplicates with class weight
             ``duplicate_weight``. ``none`` (paper table 2 "w/o set prediction loss"): every eligible
-            FoI is a positive of its FCOS class, as in FCOS.
-        duplicate_weight: focal weight of an unmatched eligible FoI at its class (EOS_COEF 0.1).
-        match_giou_weight: weight of (1 - GIoU) in the matching cost (GIOU_WEIGHT 2.0).
+            FoI is a positive of its FCOS class, as in FCOS. ``detr`` (paper Fig. 6 "DETR-like loss",
+            official ``USE_DETR_LOSS``): Hungarian matching of the FoIs to all GTs of the image,
+            softmax CE with no-object weight ``duplicate_weight``, 10 x GIoU and centerness on the
+            matched FoIs (``fcos_detr_loss.py``).
+        duplicate_weight: focal weight of an unmatched eligible FoI at its class (EOS_COEF 0.1); with
+            ``detr``, the no-object class weight.
+        match_giou_weight: weight of (1 - GIoU) in the matching cost (GIOU_WEIGHT 2.0; the ``detr``
+            baseline uses its own 5).
         class_normaliser: ``mixed_2x`` (official): the set classification sum / (2 (N_matched +
             duplicate_weight * |E|)); ``matched``: / N_matched.
     """

@@ -15,7 +15,8 @@ from ..fcos.targets import centerness_targets, fcos_assignment, level_points
 from ..preprocess import build_preprocessor, preprocess_inputs
 from .fcos_config import TSPFCOSConfig, check_tsp_fcos_config
 from .fcos_head import TSPFCOSHead
-from .fcos_losses import tsp_fcos_losses
+from .fcos_detr_loss import tsp_fcos_detr_losses
+from .fcos_losses import foi_classifier_loss, tsp_fcos_losses
 from .fcos_position import fcos_location_encoding, level_padding_masks
 from .fcos_postprocess import tsp_fcos_detections
 from .foi_selection import foi_scores, random_keep, select_top_fois
@@ -96,10 +97,25 @@ class TSPFCOS(nn.Module):
         if self.training and self.cfg.foi.keep_min < 1.0:
             index = index[:, random_keep(index.shape[1], self.cfg.foi.keep_min, device=device)]
         logits, ltrb, centerness = self._encode(tokens, pos_all, index, level_of)
+        points = torch.cat(points)
+        if self.training and self.cfg.loss.set_loss == "detr":
+            boxes = torch.stack([self._decode(ltrb[b], index[b], level_of, points) for b in range(len(index))])
+            loss = self.cfg.loss
+            losses = {"loss_fcos_local_cls": foi_classifier_loss(logits_all.flatten(0, 1), assignment[0].flatten(),
+                                                                 loss.focal_alpha, loss.focal_gamma)}
+            losses.update(tsp_fcos_detr_losses(logits, boxes, centerness, points[index], targets, image_sizes,
+                                               no_object_weight=loss.duplicate_weight))
+            return losses
         if self.training:
             return self._losses(logits_all, logits, ltrb, centerness, index, assignment)
-        return self._detections(logits, ltrb, index, level_of, torch.cat(points), image_sizes, original_sizes,
-                                logits_all)
+        return self._detections(logits, ltrb, index, level_of, points, image_sizes, original_sizes, logits_all)
+
+    def _decode(self, ltrb: Tensor, index: Tensor, level_of: Tensor, points: Tensor) -> Tensor:
+        """(k, 4) ltrb in stride units of the FoIs ``index`` (k,) -> (k, 4) xyxy input pixels (tsp.md §2.6)."""
+        strides = torch.tensor(self.strides, dtype=torch.float32, device=ltrb.device)
+        xy = points[index]
+        d = ltrb.float() * strides[level_of[index]][:, None]
+        return torch.stack((xy[:, 0] - d[:, 0], xy[:, 1] - d[:, 1], xy[:, 0] + d[:, 2], xy[:, 1] + d[:, 3]), dim=1)
 
     def _encode(self, tokens: Tensor, pos_all: Optional[Tensor], index: Tensor, level_of: Tensor):
         """Gathers the FoIs (B, k) and runs projection, encoder and heads.
@@ -148,14 +164,12 @@ class TSPFCOS(nn.Module):
     # ------------------------------------------------------------------ inference
     def _detections(self, logits: Tensor, ltrb: Tensor, index: Tensor, level_of: Tensor, points: Tensor,
                     image_sizes, original_sizes, logits_all: Tensor) -> list[dict]:
-        strides = torch.tensor(self.strides, dtype=torch.float32, device=ltrb.device)
         test = self.cfg.test
         results, selection = [], []
         for b in range(index.shape[0]):
             level = level_of[index[b]]
             xy = points[index[b]]
-            d = ltrb[b].float() * strides[level][:, None]
-            boxes = torch.stack((xy[:, 0] - d[:, 0], xy[:, 1] - d[:, 1], xy[:, 0] + d[:, 2], xy[:, 1] + d[:, 3]), dim=1)
+            boxes = self._decode(ltrb[b], index[b], level_of, points)
             results.append(tsp_fcos_detections(logits[b], boxes, level, len(self.levels), test.topk_candidates,
                                                test.score_threshold, test.nms_threshold, test.max_detections,
                                                image_sizes[b], None if original_sizes is None else tuple(original_sizes[b])))

@@ -38,6 +38,16 @@ def ltrb_giou(pred: Tensor, target: Tensor) -> Tensor:
     return iou - (enclose - union) / enclose
 
 
+def foi_classifier_loss(foi_logits: Tensor, location_labels: Tensor, focal_alpha: float = 0.25,
+                        focal_gamma: float = 2.0) -> Tensor:
+    """``loss_fcos_local_cls``: FCOS focal loss (sum) over every location's K logits (R, K) against the
+    one-hot FCOS classes (R,) (K = background), / avg(#positive locations)."""
+    num_classes = foi_logits.shape[1]
+    onehot = F.one_hot(location_labels, num_classes + 1)[:, :num_classes].float()
+    num_pos = torch.clamp(process_average((location_labels < num_classes).sum()), min=1.0)
+    return sigmoid_focal_loss(foi_logits.float(), onehot, focal_alpha, focal_gamma, "sum") / num_pos
+
+
 def tsp_fcos_losses(foi_logits: Tensor, location_labels: Tensor, logits: Tensor, ltrb: Tensor,
                     centerness: Tensor, labels: Tensor, target_ltrb: Tensor, target_centerness: Tensor,
                     gt_index: Tensor, num_gt: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
@@ -61,12 +71,7 @@ def tsp_fcos_losses(foi_logits: Tensor, location_labels: Tensor, logits: Tensor,
         ``loss_fcos_local_cls``, ``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr`` (fp32 scalars).
     """
     num_classes = foi_logits.shape[1]
-
-    # 1. FoI classifier: FCOS focal loss over every location / avg(#positive locations).
-    positive_locations = location_labels < num_classes
-    onehot = F.one_hot(location_labels, num_classes + 1)[:, :num_classes].float()
-    num_pos = torch.clamp(process_average(positive_locations.sum()), min=1.0)
-    loss_local = sigmoid_focal_loss(foi_logits.float(), onehot, focal_alpha, focal_gamma, "sum") / num_pos
+    loss_local = foi_classifier_loss(foi_logits, location_labels, focal_alpha, focal_gamma)
 
     eligible = labels < num_classes
     rows = eligible.nonzero().squeeze(1)
