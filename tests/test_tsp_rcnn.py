@@ -380,10 +380,6 @@ def test_official_optimizer_split():
             assert g["weight_decay"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="engine/trainer.py: iter(DataLoader) draws a seed from the global torch RNG "
-                   "right after a resume restored it, so every model-level random draw (random keep, sampler, "
-                   "dropout) is shifted by one; creating the iterator under torch.random.fork_rng(devices=[]) "
-                   "makes this pass (checked by patching DataLoader.__iter__)")
 def test_trainer_resume_is_exact_with_random_keep_and_two_optimizers(tmp_path, single_thread):
     """The random keep, the proposal sampler, dropout and the SGD + AdamW pair all resume bit-exactly."""
     import json
