@@ -427,3 +427,46 @@ def test_transformer_clip_is_one_global_norm():
     assert total.item() == pytest.approx(0.01, rel=1e-4)
     factors = {round(float(p.grad.flatten()[0]), 10) for p in params}
     assert len(factors) == 1                                   # one scale for the whole group
+
+
+def test_rpn_loss_terms_hand_case():
+    """loss_rpn_cls = BCE over the sampled anchors / (256 B); loss_rpn_loc = L1 over positives / (256 B) x 2."""
+    model = tiny_model()
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [50.0, 50.0, 60.0, 60.0]])]
+    objectness = [torch.tensor([[2.0, 0.0, -1.0]])]
+    deltas = [torch.zeros(1, 3, 4)]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]])}]
+    losses = model.rpn_losses(objectness, deltas, anchors, targets)
+    bce = math.log(1 + math.exp(-2.0)) + math.log(2.0) + math.log(1 + math.exp(-1.0))
+    assert losses["loss_rpn_cls"].item() == pytest.approx(bce / 256, rel=1e-5)
+    l1 = 0.125 + math.log(10 / 8)                     # anchor 1's target deltas (0, 0.125, 0, log 1.25)
+    assert losses["loss_rpn_loc"].item() == pytest.approx(2.0 * l1 / 256, rel=1e-5)
+
+
+@pytest.mark.parametrize("inherit", [False, True])
+def test_cascade_stage1_rematches_refined_boxes_at_its_iou(inherit, monkeypatch, single_thread):
+    import sparsedet.models.tsp.rcnn_detector as detector
+
+    calls = []
+    original = detector.label_proposals
+
+    def recording(boxes, *args, **kwargs):
+        calls.append((boxes.clone(), args[3]))
+        return original(boxes, *args, **kwargs)
+
+    monkeypatch.setattr(detector, "label_proposals", recording)
+    model = tiny_model("model.cascade.num_stages=2", "model.roi_heads.cls_agnostic_bbox_reg=true",
+                       f"model.cascade.inherit_match={str(inherit).lower()}")
+    refined = []
+    original_refine = model.refine
+    monkeypatch.setattr(model, "refine", lambda *a: refined.append(original_refine(*a)) or refined[-1])
+    images, targets = _data()
+    model(images, targets)
+    assert len(refined) == 1
+    if inherit:
+        assert calls == []
+    else:
+        assert [thr for _, thr in calls] == [0.7, 0.7]          # one call per image, at stage 1's IoU
+        assert all(torch.equal(b, r) for (b, _), r in zip(calls, refined[0]))
+    for boxes, (h, w) in zip(refined[0], [(96, 128), (80, 112)]):   # detached and clipped to the image
+        assert not boxes.requires_grad and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
