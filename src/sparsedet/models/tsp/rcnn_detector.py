@@ -188,6 +188,9 @@ class TSPRCNN(nn.Module):
 
     def box_head_losses(self, roi_features: Sequence[Tensor], proposals: Sequence[tuple[Tensor, Tensor]],
                         targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+        """Training of the box head(s): sample the RPN proposals (spec §3.3), then per stage label (stage 0:
+        sampling's labels; later stages: re-matched at their IoU, or inherited), run the stage and take its
+        ``tsp`` (or ``detr``) losses; the next stage starts from this stage's detached, clipped boxes."""
         roi, C = self.cfg.roi_heads, self.num_classes
         gt = [(t["boxes"].to(proposals[0][0].device, torch.float32), t["labels"].to(proposals[0][0].device, torch.int64))
               for t in targets]
