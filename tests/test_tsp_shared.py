@@ -2,7 +2,6 @@
 P6/P7 block and the optimizer with parameter groups chosen by name (tsp.md §1.3-1.5, §4)."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -17,7 +17,7 @@ from .fcos_config import TSPFCOSConfig, check_tsp_fcos_config
 from .fcos_head import TSPFCOSHead
 from .fcos_detr_loss import tsp_fcos_detr_losses
 from .fcos_losses import foi_classifier_loss, tsp_fcos_losses
-from .fcos_position import fcos_location_encoding, level_padding_masks
+from .fcos_position import all_positions, level_padding_masks, location_encoding
 from .fcos_postprocess import tsp_fcos_detections
 from .foi_selection import foi_scores, random_keep, select_top_fois
 
@@ -86,26 +86,21 @@ class TSPFCOS(nn.Module):
         tokens = torch.cat([torch.cat((c, b), dim=1).flatten(2) for c, b in zip(cls_feats, box_feats)],
                            dim=2).transpose(1, 2)                                            # (B, L, 2C)
         logits_all = torch.cat([x.flatten(2) for x in foi_logits], dim=2).transpose(1, 2)   # (B, L, K)
-        pos_all = None
+        positions = None
         if self.cfg.position_encoding == "sine":
             masks = level_padding_masks(image_sizes, tuple(batch.shape[-2:]), shapes, device)
-            pos_all = fcos_location_encoding(masks, self.pyramid_position_embedding)         # (B, L, d)
+            positions = all_positions(masks)                                                 # (B, L, 2)
 
         assignment = self._assign(points, targets) if self.training else None
         positive = (assignment[0] < self.num_classes) if assignment is not None and self.cfg.foi.lift_positives else None
         index = select_top_fois(foi_scores(logits_all, positive), self.cfg.foi.num_foi, self.cfg.foi.clamp_to_locations)
         if self.training and self.cfg.foi.keep_min < 1.0:
             index = index[:, random_keep(index.shape[1], self.cfg.foi.keep_min, device=device)]
-        logits, ltrb, centerness = self._encode(tokens, pos_all, index, level_of)
+        logits, ltrb, centerness = self._encode(tokens, positions, index, level_of)
         points = torch.cat(points)
         if self.training and self.cfg.loss.set_loss == "detr":
-            boxes = torch.stack([self._decode(ltrb[b], index[b], level_of, points) for b in range(len(index))])
-            loss = self.cfg.loss
-            losses = {"loss_fcos_local_cls": foi_classifier_loss(logits_all.flatten(0, 1), assignment[0].flatten(),
-                                                                 loss.focal_alpha, loss.focal_gamma)}
-            losses.update(tsp_fcos_detr_losses(logits, boxes, centerness, points[index], targets, image_sizes,
-                                               no_object_weight=loss.duplicate_weight))
-            return losses
+            return self._detr_losses(logits_all, logits, ltrb, centerness, index, level_of, points, assignment,
+                                     targets, image_sizes)
         if self.training:
             return self._losses(logits_all, logits, ltrb, centerness, index, assignment)
         return self._detections(logits, ltrb, index, level_of, points, image_sizes, original_sizes, logits_all)
@@ -117,13 +112,16 @@ class TSPFCOS(nn.Module):
         d = ltrb.float() * strides[level_of[index]][:, None]
         return torch.stack((xy[:, 0] - d[:, 0], xy[:, 1] - d[:, 1], xy[:, 0] + d[:, 2], xy[:, 1] + d[:, 3]), dim=1)
 
-    def _encode(self, tokens: Tensor, pos_all: Optional[Tensor], index: Tensor, level_of: Tensor):
-        """Gathers the FoIs (B, k) and runs projection, encoder and heads.
+    def _encode(self, tokens: Tensor, positions: Optional[Tensor], index: Tensor, level_of: Tensor):
+        """Gathers the FoIs (B, k) and runs projection, encoder and heads. ``positions`` (B, L, 2) are
+        the normalised (y, x) of every location (None: no positional encoding); only the selected
+        FoIs' are encoded.
 
         Returns: class logits (B, k, K), ltrb (B, k, 4) in stride units, centerness logits (B, k)."""
         gather = lambda x: torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.post_enc_proj_norm(self.enc_proj(gather(tokens)))
-        pos = gather(pos_all) if pos_all is not None else None
+        pos = (location_encoding(gather(positions), level_of[index], self.pyramid_position_embedding)
+               if positions is not None else None)
         memory = self.transformer_encoder(x, pos)
         logits = self.cls_logits(memory)
         ltrb = torch.relu(self.bbox_pred(memory)) * self.scales[level_of[index]][..., None]
@@ -160,6 +158,17 @@ class TSPFCOS(nn.Module):
                                centerness.flatten(), sel_labels, sel_ltrb, ctr, sel_gt, num_gt,
                                loss.focal_alpha, loss.focal_gamma, loss.set_loss, loss.duplicate_weight,
                                loss.match_giou_weight, loss.class_normaliser)
+
+    def _detr_losses(self, logits_all, logits, ltrb, centerness, index, level_of, points, assignment, targets,
+                     image_sizes) -> dict[str, Tensor]:
+        """``model.loss.set_loss=detr``: the FoI classifier loss plus the DETR-like baseline."""
+        loss = self.cfg.loss
+        boxes = torch.stack([self._decode(ltrb[b], index[b], level_of, points) for b in range(len(index))])
+        losses = {"loss_fcos_local_cls": foi_classifier_loss(logits_all.flatten(0, 1), assignment[0].flatten(),
+                                                             loss.focal_alpha, loss.focal_gamma)}
+        losses.update(tsp_fcos_detr_losses(logits, boxes, centerness, points[index], targets, image_sizes,
+                                           no_object_weight=loss.duplicate_weight))
+        return losses
 
     # ------------------------------------------------------------------ inference
     def _detections(self, logits: Tensor, ltrb: Tensor, index: Tensor, level_of: Tensor, points: Tensor,

@@ -39,32 +39,43 @@ def level_padding_masks(image_sizes: Sequence[tuple[int, int]], padded_size: tup
     return masks[len(steps):]
 
 
-def sine_map_encoding(padding_mask: Tensor, dims: int, temperature: float = 10000.0) -> Tensor:
-    """(B, H, W) padding mask -> (B, H, W, dims) encoding [sine(y, dims/2), sine(x, dims/2)].
+def normalized_positions(padding_mask: Tensor) -> Tensor:
+    """(B, H, W) padding mask -> (B, H, W, 2) positions (y, x) in (0, 2 pi] (0 in fully padded lines).
 
-    y = (1-based row index among valid cells of the column) / (column's valid count + 1e-6) * 2 pi,
-    x likewise along the row (DETR's ``normalize=True`` with scale 2 pi)."""
+    y = (1-based row index among the valid cells of the column) / (the column's valid count + 1e-6) *
+    2 pi, x likewise along the row (DETR's ``normalize=True`` with scale 2 pi)."""
     valid = (~padding_mask).float()
     y = valid.cumsum(1)
     x = valid.cumsum(2)
     eps = 1e-6
     y = y / (y[:, -1:, :] + eps) * (2 * math.pi)
     x = x / (x[:, :, -1:] + eps) * (2 * math.pi)
-    half = dims // 2
-    return torch.cat((sine_encoding(y, half, temperature), sine_encoding(x, half, temperature)), dim=-1)
+    return torch.stack((y, x), dim=-1)
+
+
+def location_encoding(positions: Tensor, level_index: Tensor, level_embedding: Tensor,
+                      temperature: float = 10000.0) -> Tensor:
+    """[sine(y, d/2), sine(x, d/2)] + level_embedding[level] for positions (..., 2) and levels (...).
+
+    Returns (..., d). Computed only where needed (the selected FoIs) by the detector."""
+    half = level_embedding.shape[1] // 2
+    y, x = positions.unbind(-1)
+    sines = torch.cat((sine_encoding(y, half, temperature), sine_encoding(x, half, temperature)), dim=-1)
+    return sines + level_embedding[level_index]
+
+
+def all_positions(padding_masks: Sequence[Tensor]) -> Tensor:
+    """Per-level masks -> (B, sum H_l W_l, 2) positions in location order (level-major, row, column)."""
+    return torch.cat([normalized_positions(mask).flatten(1, 2) for mask in padding_masks], dim=1)
 
 
 def fcos_location_encoding(padding_masks: Sequence[Tensor], level_embedding: Tensor) -> Tensor:
-    """All levels' encodings flattened in location order (level-major, then row, then column).
+    """The encoding of every location of every level (B, sum H_l W_l, d), in location order.
 
     Args:
         padding_masks: per level (B, H_l, W_l) bool (``level_padding_masks``).
         level_embedding: (num_levels, d) learnable vectors, one added to every cell of its level.
-
-    Returns:
-        (B, sum H_l W_l, d).
     """
-    dims = level_embedding.shape[1]
-    out = [sine_map_encoding(mask, dims).flatten(1, 2) + level_embedding[i]
-           for i, mask in enumerate(padding_masks)]
-    return torch.cat(out, dim=1)
+    levels = torch.cat([torch.full((m.shape[1] * m.shape[2],), i, dtype=torch.int64, device=m.device)
+                        for i, m in enumerate(padding_masks)])
+    return location_encoding(all_positions(padding_masks), levels, level_embedding)
