@@ -28,7 +28,7 @@ DEFAULT_MODEL = "querydet"
 # Sparse R-CNN, like every set-prediction detector, converges slowly: on this budget it learns the
 # boxes but not yet the classes, so its demo config runs 3000 steps.
 DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo",
-                "tsp_fcos": "tsp_fcos/mobilenetv2_fpn_demo"}
+                "tsp_fcos": "tsp_fcos/mobilenetv2_fpn_demo", "tsp_rcnn": "tsp_rcnn/mobilenetv2_fpn_demo"}
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 # Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
@@ -202,7 +202,7 @@ def _time_csq(model, image_paths: list[Path], rounds: int = TIMING_ROUNDS) -> di
 
 
 def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[Path]:
-    """Annotated predictions on the first val images (and the --explain figure for QueryDet / TSP-FCOS)."""
+    """Annotated predictions on the first val images (and the --explain figure for QueryDet / TSP-FCOS / TSP-RCNN)."""
     from .engine.evaluate import predict_dataset
     from .visualize import draw_detections
 
@@ -217,7 +217,7 @@ def _draw_predictions(trainer: Trainer, config: dict, output_dir: Path) -> list[
         draw_detections(record.image_path, predictions[record.image_id], trainer.val_set.class_names,
                         score_threshold=SHOWN_SCORE).save(path)
         pictures.append(path)
-    if config["model"]["name"] in ("querydet", "tsp_fcos") and shown:
+    if config["model"]["name"] in ("querydet", "tsp_fcos", "tsp_rcnn") and shown:
         from .explain import explain_prediction
 
         path = folder / f"{shown[0].image_path.stem}_explain.png"
@@ -236,6 +236,10 @@ def describe_model(config: dict) -> str:
         t = model["transformer"]
         return (f"TSP-FCOS ({backbone}, {model['foi']['num_foi']} FoIs, {t['num_layers']}-layer "
                 f"d={t['d_model']} encoder)")
+    if model["name"] == "tsp_rcnn":
+        roi = model["roi_heads"]
+        return (f"TSP-RCNN ({backbone}, {model['rpn']['num_proposals']} RPN proposals into a {roi['num_layers']}-layer "
+                f"{roi['d_model']}-d encoder)")
     levels = model["fpn"]["out_levels"]
     return f"QueryDet ({backbone}, P{min(levels)}-P{max(levels)}, query head on P3/P4)"
 

@@ -28,6 +28,7 @@ from .visualize import class_colour
 # model.name -> (module of sparsedet, function): models whose --explain figure lives in its own module.
 EXPLAINERS = {
     "tsp_fcos": ("explain_tsp", "explain_tsp_fcos"),
+    "tsp_rcnn": ("explain_tsp_rcnn", "explain_tsp_rcnn"),
 }
 
 

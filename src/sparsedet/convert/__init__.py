@@ -12,7 +12,7 @@ import os
 from typing import Callable, Mapping, Optional, Union
 
 from ..checkpoint import extract_state_dict, read_weights_file, save_atomic
-from . import querydet, sparse_rcnn
+from . import querydet, sparse_rcnn, tsp_rcnn
 from .tsp_fcos import convert_tsp_fcos, is_tsp_fcos
 from .common import ConversionResult
 from .sparse_rcnn import infer_overrides, looks_official
@@ -22,6 +22,7 @@ CONVERTERS: "dict[str, Callable[[Mapping, str], ConversionResult]]" = {
     "querydet": querydet.convert_querydet,
     "retinanet": querydet.convert_retinanet,
     "tsp_fcos": convert_tsp_fcos,
+    "tsp_rcnn": tsp_rcnn.convert_tsp_rcnn,
 }
 
 
@@ -68,6 +69,8 @@ def official_architecture(state: Mapping[str, object]) -> Optional[str]:
         return None
     if is_tsp_fcos(state):
         return "tsp_fcos"
+    if any(k.startswith("proposal_generator.rpn_head.obj_bn_list.") for k in state):
+        return "tsp_rcnn"
     if any(k.startswith(("det_head.", "query_head.")) for k in state):
         return "querydet"
     if any(k.startswith("head.cls_subnet.") for k in state):

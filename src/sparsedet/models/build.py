@@ -12,7 +12,7 @@ from .fcos import FCOS, FCOSConfig, QueryDetFCOSConfig
 from .querydet import QueryDet, QueryDetConfig
 from .retinanet import RetinaNet, RetinaNetConfig
 from .sparse_rcnn import SparseRCNN, SparseRCNNConfig
-from .tsp import TSPFCOS, TSPFCOSConfig
+from .tsp import TSPFCOS, TSPFCOSConfig, TSPRCNN, TSPRCNNConfig
 
 # model.name -> (typed config, detector class)
 MODELS = {
@@ -23,6 +23,7 @@ MODELS = {
     "querydet_fcos": (QueryDetFCOSConfig, FCOS),
     "faster_rcnn": (FasterRCNNConfig, FasterRCNN),
     "tsp_fcos": (TSPFCOSConfig, TSPFCOS),
+    "tsp_rcnn": (TSPRCNNConfig, TSPRCNN),
 }
 
 
