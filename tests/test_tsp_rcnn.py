@@ -411,9 +411,6 @@ def test_trainer_resume_is_exact_with_random_keep_and_two_optimizers(tmp_path, s
         assert resumed[iteration] == straight[iteration], (iteration, resumed, straight)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/optim.py: with solver.norm_weight_decay set, the transformer's norm and "
-                   "non-norm parameters land in two buckets and each gets its own clip_grad_norm, instead of one "
-                   "global L2 norm over the whole group (spec §4); the clip should be one per param_groups rule")
 def test_transformer_clip_is_one_global_norm():
     from sparsedet.engine.optim import build_optimizer
 

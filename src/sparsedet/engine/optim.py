@@ -168,7 +168,7 @@ def build_optimizer(model: nn.Module, solver: Mapping) -> OptimizerSet:
         buckets.setdefault((rule_index, backbone, id(param) in norm_ids), []).append(param)
 
     per_kind: dict[str, list[dict]] = {default_kind: []}
-    clip_groups = []
+    clip_params: dict[int, list[nn.Parameter]] = {}  # rule index -> every parameter it matched
     for (rule_index, backbone, is_norm), params in buckets.items():
         if not params and not (rule_index == -1 and not backbone and not is_norm):
             continue  # keep the (possibly empty) default group first, as before
@@ -179,7 +179,7 @@ def build_optimizer(model: nn.Module, solver: Mapping) -> OptimizerSet:
             kind, lr = rule.optimizer, rule.lr
             wd = weight_decay if rule.weight_decay is None else rule.weight_decay
             if rule.clip_grad_norm:
-                clip_groups.append((params, rule.clip_grad_norm))
+                clip_params.setdefault(rule_index, []).extend(params)
         if is_norm:
             wd = norm_wd
         per_kind.setdefault(kind, []).append({"params": params, "lr": lr, "weight_decay": wd})
@@ -188,6 +188,8 @@ def build_optimizer(model: nn.Module, solver: Mapping) -> OptimizerSet:
         raise ConfigError(f"solver.param_groups: match {unused} names no trainable parameter of "
                           f"{type(model).__name__}")
     optimizers = [_make_optimizer(kind, groups, solver) for kind, groups in per_kind.items() if groups]
+    # One global norm per rule, over its norm and non-norm buckets together (TSP spec section 4).
+    clip_groups = [(params, rules[index].clip_grad_norm) for index, params in clip_params.items()]
     return OptimizerSet(optimizers, clip_groups)
 
 
