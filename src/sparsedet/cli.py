@@ -156,7 +156,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    result = convert_checkpoint(args.arch, args.src, args.dst)
+    options = {"keep_head": args.keep_head} if args.keep_head else {}
+    if options and args.arch != "asag":
+        raise SystemExit(f"--keep-head applies to asag checkpoints only, not {args.arch}")
+    result = convert_checkpoint(args.arch, args.src, args.dst, **options)
     print(result.report)
     overrides = " ".join(f"{k}={v}" for k, v in result.config_overrides.items())
     print(f"load it with: sparsedet.load({str(args.dst)!r})  (architecture overrides: {overrides})")
@@ -253,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("arch", choices=sorted(CONVERTERS), help="architecture of the checkpoint")
     convert.add_argument("src", help="official checkpoint file")
     convert.add_argument("dst", help="output .pth file")
+    convert.add_argument("--keep-head", choices=["aux_0", "aux_1", "aux_2", "main"],
+                         help="asag only: keep just this decoder head (the one-head speed model)")
     convert.set_defaults(func=_cmd_convert)
 
     configs = commands.add_parser("configs", help="list the bundled configs")

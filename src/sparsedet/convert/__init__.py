@@ -12,7 +12,7 @@ import os
 from typing import Callable, Mapping, Optional, Union
 
 from ..checkpoint import extract_state_dict, read_weights_file, save_atomic
-from . import querydet, sparse_rcnn
+from . import asag, querydet, sparse_rcnn
 from .common import ConversionResult
 from .sparse_rcnn import infer_overrides, looks_official
 
@@ -20,15 +20,16 @@ CONVERTERS: "dict[str, Callable[[Mapping, str], ConversionResult]]" = {
     "sparse_rcnn": sparse_rcnn.convert_state_dict,
     "querydet": querydet.convert_querydet,
     "retinanet": querydet.convert_retinanet,
+    "asag": asag.convert_state_dict,
 }
 
 
 def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
-                       dst: Optional[Union[str, os.PathLike]] = None) -> ConversionResult:
+                       dst: Optional[Union[str, os.PathLike]] = None, **options) -> ConversionResult:
     """Converts an official checkpoint to sparsedet layout.
 
     Args:
-        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``).
+        arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``, ``asag``).
         src: a ``.pth`` (bare state_dict or ``{"model": state_dict, ...}``) or detectron2 ``.pkl``
             (numpy arrays) file, or an already-loaded dict of the same.
         dst: if given, the bare converted state_dict is written there atomically; it loads with
@@ -51,7 +52,7 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
     else:
         source = str(src)
         state = extract_state_dict(read_weights_file(src), source)
-    result = CONVERTERS[arch](state, source)
+    result = CONVERTERS[arch](state, source, **options)
     if dst is not None:
         save_atomic(result.state_dict, dst)
         result.report += f"\n  written to {dst}"
@@ -61,6 +62,8 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
 def official_architecture(state: Mapping[str, object]) -> Optional[str]:
     """The converter name for an official (detectron2-layout) state_dict, or None when ``state``
     is not in an official layout (e.g. already sparsedet's)."""
+    if asag.looks_like_asag(state):
+        return "asag"
     if not looks_official(state):
         return None
     if any(k.startswith(("det_head.", "query_head.")) for k in state):
