@@ -41,7 +41,8 @@ TRAINED_STEPS = 2 ** 40
 
 _FPN = re.compile(r"^neck\.(inner|layer)_blocks\.(\d)\.(?:0\.)?(weight|bias)$")
 _HEAD = re.compile(r"^decoder\.(bbox_head|head_series)\.(\d+)\.(.*)$")
-_RESNET_DEPTHS = {6: 50, 23: 101, 36: 152}
+# (bottleneck blocks?, blocks in layer3) -> ResNet depth
+_RESNET_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
 _MODEL_PREFIXES = ("anchor_generator.", "rpn.", "decoder.")
 
 
@@ -90,10 +91,12 @@ def infer_overrides(state: Mapping[str, torch.Tensor]) -> dict:
                          f"found {sorted(heads) or 'neither'}")
     (kind, indices), = heads.items()
     prefix = "backbone.0.body." if any(k.startswith("backbone.0.body.") for k in state) else "backbone.body."
-    blocks = {int(k.split(".")[len(prefix.split(".")) ]) for k in state if k.startswith(prefix + "layer3.")}
-    depth = _RESNET_DEPTHS.get(len(blocks))
+    blocks = {k[len(prefix):].split(".")[1] for k in state if k.startswith(prefix + "layer3.")}
+    bottleneck = prefix + "layer1.0.conv3.weight" in state
+    depth = _RESNET_DEPTHS.get((bottleneck, len(blocks)))
     if depth is None:
-        raise ValueError(f"{prefix}layer3 has {len(blocks)} blocks; expected 6 (R-50), 23 (R-101) or 36 (R-152)")
+        raise ValueError(f"{prefix}layer3 has {len(blocks)} {'bottleneck' if bottleneck else 'basic'} blocks: "
+                         "not a ResNet-18/34/50/101/152")
     num_heads = len(indices)
     return {
         "model.decoder_type": "adamixer" if kind == "bbox_head" else "sparse_rcnn",
@@ -103,6 +106,10 @@ def infer_overrides(state: Mapping[str, torch.Tensor]) -> dict:
         "model.hidden_dim": int(tensor("rpn.fc_cls.weight").shape[1]),
         "model.fpn.channels": int(tensor("rpn.fc_cls.weight").shape[1]),
         "model.num_heads_decoder": num_heads,
+        "model.dim_feedforward": int(tensor("rpn.tokens_proj.layers.0.weight").shape[0]),
+        "model.anchors.compress_hidden": int(tensor("anchor_generator.compress.0.0.weight").shape[0]),
+        "model.anchors.compress_dim": int(tensor("anchor_generator.P6.weight").shape[0]),
+        "model.num_attention_heads": int(tensor("rpn.iof_tau").shape[0]),
         **({"model.test_head": "main"} if num_heads == 1 else {}),
     }
 
