@@ -128,6 +128,8 @@ class ASAGConfig:
         hidden_dim, num_attention_heads, dim_feedforward, dropout: query width, attention heads,
             FFN width, dropout (256 / 8 / 2048 / 0).
         activation: ``gelu`` (official) or ``relu`` in the RPN block and the heads.
+        adamixer_in_points, adamixer_out_points, adamixer_groups: AdaMixer sampling points per
+            group, mixed output points, groups (32 / 128 / 4).
         detections_per_image: top-k over the Q x C scores at test (100).
         test_nms_threshold: class-wise NMS IoU at test; ``null`` = the setting's (none / 0.7).
         anchors, loss, denoising: see their dataclasses.
@@ -151,6 +153,9 @@ class ASAGConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.0
     activation: str = "gelu"
+    adamixer_in_points: int = 32
+    adamixer_out_points: int = 128
+    adamixer_groups: int = 4
     detections_per_image: int = 100
     test_nms_threshold: Optional[float] = None
     anchors: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)

@@ -56,7 +56,8 @@ class ASAG(nn.Module):
         self.anchor_generator = AnchorGenerator(cfg, d)
         self.rpn = RelationBlock(cfg.num_classes, d, cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation)
         self.decoder = ParallelDecoder(cfg.decoder_type, cfg.num_classes, cfg.num_heads_decoder, d,
-                                       cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation)
+                                       cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation,
+                                       (cfg.adamixer_in_points, cfg.adamixer_out_points, cfg.adamixer_groups))
         self.test_head_index = cfg.test_head_index()
         self.nms_threshold = (cfg.test_nms_threshold if cfg.test_nms_threshold is not None
                               else SETTINGS[cfg.setting]["nms_threshold"])
