@@ -76,6 +76,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                          f"e.g. data.{args.split}.format=coco data.{args.split}.annotations=FILE "
                          f"data.{args.split}.images=DIR")
     dataset = read_dataset(data_cfg[args.split], data_cfg.get("root"), f"data.{args.split}")
+    if args.anchor_recall:
+        from .engine.recall import anchor_recall
+
+        recall = anchor_recall(model, dataset, model.config)
+        for kind, values in recall.items():
+            print(f"{kind:>9} " + "  ".join(f"AR@{n} {100 * v:.2f}" for n, v in values.items()))
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "anchor_recall.json").write_text(json.dumps(recall, indent=1))
+        print(f"wrote {output / 'anchor_recall.json'}")
+        return 0
     result = evaluate_model(model, dataset, model.config, results_path=output / "results.json")
     print(result.table())
     (output / "metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
@@ -212,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", help="data section to evaluate on (default: %(default)s)")
     evaluate.add_argument("--output", help="output folder (default: next to the weights, eval/)")
     evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    evaluate.add_argument("--anchor-recall", action="store_true",
+                          help="instead of AP: mmdet-style AR@100/300/1000 of the generated anchors and "
+                               "proposals (ASAG)")
     evaluate.set_defaults(func=_cmd_eval)
 
     predict = commands.add_parser(
@@ -227,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
                          help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
-                              "Sparse Query (<name>_explain.png)")
+                              "Sparse Query; ASAG: the fixed and probing patches and the anchors they "
+                              "produced (<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=_cmd_predict)
 
@@ -243,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
-    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn"],
+    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "asag_a", "asag_s"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
     demo.set_defaults(func=_cmd_demo)

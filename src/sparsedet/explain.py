@@ -9,6 +9,7 @@ high-resolution heads produced outputs), each with the final detections. ``spars
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 from typing import Union
 
@@ -22,6 +23,9 @@ from torch import nn
 from .data.image_io import read_image
 from .data.transforms import resize_shortest_edge
 from .visualize import class_colour
+
+# model.name -> (module, function) drawing that model's own explanation figure.
+EXPLAINERS = {"asag": (".explain_asag", "explain_asag")}
 
 
 def _require_query_head(model: nn.Module) -> None:
@@ -37,6 +41,10 @@ def explain_prediction(model: nn.Module, image: Union[str, Path, torch.Tensor], 
 
     CSQ is switched on for this call when the model's config has it off; the model is left as it was.
     """
+    name = ((getattr(model, "config", {}) or {}).get("model") or {}).get("name")
+    if name in EXPLAINERS:
+        module, function = EXPLAINERS[name]
+        return getattr(importlib.import_module(module, __package__), function)(model, image, score_threshold)
     _require_query_head(model)
     original = read_image(image) if isinstance(image, (str, Path)) else image
     input_cfg = (getattr(model, "config", {}) or {}).get("input", {})

@@ -8,7 +8,8 @@ returns one head (``model.test_head``).
 
 The anchors of the last forward are kept in ``model.last_anchors`` (a ``GeneratedAnchors``:
 ``boxes`` (B, Q, 4) pixel cxcywh in the network input, ``scores``, ``valid``, ``levels`` and the
-patches per level).
+patches per level); in eval the proposals in ``model.last_proposals`` (``logits`` (B, Q, C),
+``boxes`` (B, Q, 4) normalised cxcywh).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class ASAG(nn.Module):
                               else SETTINGS[cfg.setting]["nms_threshold"])
         self.denoising = DenoisingQueries(cfg.denoising, cfg.anchors.target_patch_iters, cfg.num_attention_heads) if cfg.denoising.enabled else None
         self.last_anchors: Optional[GeneratedAnchors] = None
+        self.last_proposals: Optional[dict] = None
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
@@ -87,6 +89,8 @@ class ASAG(nn.Module):
         if self.denoising is not None and self.training:
             boxes, valid, blocked, num_dn = self.denoising(boxes, valid, prepared, sizes, int(self.anchor_generator.train_steps))
         proposals = self.rpn(features, boxes, sizes, valid, blocked)
+        if not self.training:
+            self.last_proposals = {"logits": proposals["logits"].detach(), "boxes": proposals["boxes"].detach()}
         init = proposals["xyzr"] if self.cfg.decoder_type == "adamixer" else proposals["boxes"]
         heads = None if self.training else [self.test_head_index]
         outputs = self.decoder(features, proposals["content"], init.detach(), sizes, valid, heads, blocked)
