@@ -262,7 +262,8 @@ def test_ground_truth_and_random_patches():
         assert len(crops) == 2                                     # duplicates merged, the big box skipped
         origin = crops.float() * 16
         for box in boxes[[0, 2]]:
-            contains = ((origin <= box[:2]) & (origin + 240 >= box[2:])).all(1)
+            # the box's top-left is inside; its far corner at most one cell out (official floor)
+            contains = ((origin <= box[:2]) & (origin + 240 + 16 >= box[2:])).all(1)
             assert contains.any()
         assert (crops >= 0).all() and (crops[:, 0] <= math.ceil(W / 16) - 15).all()
     rnd = random_patches(50, 8, (W, H))

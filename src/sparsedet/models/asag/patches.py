@@ -30,6 +30,8 @@ def crop_positions(centers: Tensor, stride: int, sizes_wh: Tensor, patch_size: i
     Returns:
         (n, 2) int64 (x0, y0).
     """
+    half = patch_size * stride / 2
+    centers = ((centers - half) + (centers + half)) / 2   # via the square's corners, as the official code
     top_left = torch.floor(centers / stride - patch_size / 2)
     extent = torch.ceil(sizes_wh / stride)
     top_left = torch.minimum(top_left, extent - patch_size)
@@ -71,12 +73,14 @@ def patch_to_image(anchors: Tensor, crops: Tensor, stride: int, sizes_wh: Tensor
         (n, K, 5) pixel (cx, cy, w, h, probability). Anchors centred at or beyond the right/bottom
         image edge and anchors under ``min_size`` px get probability 0 (they are not removed).
     """
-    span = patch_size * stride
-    centers = (crops[:, None, :].to(anchors) + patch_size * anchors[..., :2]) * stride
-    wh = span * anchors[..., 2:4]
+    # The official arithmetic, through image-normalised coordinates (equal to
+    # ``(x0 + P u) s`` up to float rounding; kept for bit-level parity of the anchors).
+    extent = sizes_wh[:, None, :].to(anchors) / stride                       # image size in cells
+    centers = anchors[..., :2] * (patch_size / extent) + crops[:, None, :].to(anchors) / extent
+    wh = anchors[..., 2:4] * (patch_size / extent)
     prob = anchors[..., 4].sigmoid()
-    limit = sizes_wh[:, None, :].to(anchors)
-    outside = (centers >= limit).any(-1)
+    outside = (centers >= 1).any(-1)
+    centers, wh = centers * sizes_wh[:, None, :].to(anchors), wh * sizes_wh[:, None, :].to(anchors)
     tiny = (wh < min_size).any(-1)
     prob = torch.where(outside | tiny, torch.zeros_like(prob), prob)
     return torch.cat((centers, wh, prob[..., None]), dim=-1)
@@ -120,7 +124,8 @@ def ground_truth_patches(boxes: Tensor, stride: int, size_wh: tuple[float, float
     Candidates are boxes smaller than half a patch (``w, h < P s / 2``); central boxes (minus the
     sum of squared centre distances) win an NMS at ``nms_threshold`` among the boxes themselves.
     Each survivor's patch starts at ``floor(x1 / s)``, is shifted to fit inside the image, then
-    moved up/left by a random part of the room that keeps the whole box inside.
+    moved up/left by a random part of the room that keeps the whole box inside (floored, as the
+    official code does).
 
     Args:
         boxes: (M, 4) pixel xyxy boxes of one image.
@@ -141,7 +146,7 @@ def ground_truth_patches(boxes: Tensor, stride: int, size_wh: tuple[float, float
     top_left = torch.minimum(torch.floor(small[:, :2] / stride), extent - patch_size)
     room = (top_left + patch_size - small[:, 2:] / stride).clamp(min=0)
     jitter = torch.rand(room.shape, generator=generator).to(room)
-    top_left = (top_left - torch.floor(jitter * room)).clamp(min=0)
+    top_left = torch.floor(top_left - jitter * room).clamp(min=0)
     return top_left.to(torch.int64)
 
 
