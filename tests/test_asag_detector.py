@@ -105,10 +105,11 @@ def test_converter_round_trip_and_keep_head(tmp_path):
     with torch.no_grad():
         c = single.eval()([image])[0]
     assert torch.allclose(a["scores"], c["scores"]) and torch.allclose(a["boxes"], c["boxes"])
-    # sparsedet.load recognises the official file
-    loaded = sparsedet.load(src, overrides=["model.test_head=aux_1"])
-    with torch.no_grad():
-        assert torch.equal(loaded([image])[0]["scores"], a["scores"])
+    # sparsedet.load recognises the official file and the converted one
+    for path in (src, tmp_path / "converted.pth"):
+        loaded = sparsedet.load(path, overrides=["model.test_head=aux_1"])
+        with torch.no_grad():
+            assert torch.equal(loaded([image])[0]["scores"], a["scores"])
 
 
 @pytest.mark.parametrize("config, keys", [
