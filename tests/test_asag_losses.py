@@ -5,7 +5,6 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sparsedet.models.asag.anchor_generator import PatchPredictions
 from sparsedet.models.asag.anchor_loss import anchor_losses, single_patch_losses

@@ -26,7 +26,6 @@ from .patches import (crop_positions, cut_patches, ground_truth_patches, patch_t
 PROBING_LEVELS = (("P4", 16, 1, 1), ("P3", 8, 0, 2))
 # Offsets (x, y) of the four P5 quarters (TL, TR, BL, BR) in whole-image units.
 QUARTER_OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))
-LOSS_ONLY = 100  # image-index offset the official code uses for loss-only patches (kept for parity)
 
 
 class MLP(nn.Module):
