@@ -305,8 +305,7 @@ def padded_anchors() -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_pipeline(block, decoder, feats, anchors, sizes, valid):
     rpn = block(feats, anchors, sizes, valid)
-    init = rpn["xyzr"] if decoder.decoder_type == "adamixer" else rpn["boxes"].detach()
-    return rpn, decoder(feats, rpn["content"], init, sizes, valid)
+    return rpn, decoder(feats, rpn["content"], decoder.initial_boxes(rpn), sizes, valid)
 
 
 @pytest.mark.parametrize("kind", ["adamixer", "sparse_rcnn"])
@@ -371,6 +370,16 @@ def test_decoder_heads_are_parallel_and_selectable(kind):
     torch.testing.assert_close(only[0]["logits"], every[2]["logits"])
     torch.testing.assert_close(direct["boxes"], every[1]["boxes"])
     assert not torch.allclose(every[0]["logits"], every[3]["logits"])
+
+
+@pytest.mark.parametrize("kind", ["adamixer", "sparse_rcnn"])
+def test_no_query_at_all_gives_empty_outputs(kind):
+    block, decoder = tiny_relation_block(), tiny_decoder(kind, num_heads=2)
+    with torch.no_grad():
+        rpn, heads = run_pipeline(block, decoder, pyramid(3), torch.zeros(3, 0, 4), SIZES,
+                                  torch.zeros(3, 0, dtype=torch.bool))
+    assert rpn["logits"].shape == (3, 0, C) and rpn["xyzr"].shape == (3, 0, 4)
+    assert [(h["logits"].shape, h["boxes"].shape) for h in heads] == [((3, 0, C), (3, 0, 4))] * 2
 
 
 def test_decoder_bad_inputs_name_the_key():

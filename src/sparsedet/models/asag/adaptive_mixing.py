@@ -51,7 +51,8 @@ class AdaptiveMixing(nn.Module):
     def forward(self, sampled: Tensor, query: Tensor) -> Tensor:
         """(B, Q, G, P_in, c) samples, (B, Q, d) query -> (B, Q, d) ``query + mixed``."""
         batch, num_queries, groups, points, channels = sampled.shape
-        params = self.parameter_generator(query).reshape(batch * num_queries, groups, -1)
+        per_group = self.m_parameters + self.s_parameters
+        params = self.parameter_generator(query).reshape(batch * num_queries, groups, per_group)
         m, s = params.split([self.m_parameters, self.s_parameters], dim=2)
         m = m.reshape(batch * num_queries, groups, channels, channels)
         s = s.reshape(batch * num_queries, groups, self.out_points, points)
@@ -60,7 +61,7 @@ class AdaptiveMixing(nn.Module):
         x = self.act1(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
         x = torch.matmul(s, x)                                                   # spatial mixing
         x = self.act2(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
-        return query + self.out_proj(x.reshape(batch, num_queries, -1))
+        return query + self.out_proj(x.reshape(batch, num_queries, self.out_proj.in_features))
 
 
 class AdaptiveSamplingMixing(nn.Module):

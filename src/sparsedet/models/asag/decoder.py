@@ -73,6 +73,11 @@ class ParallelDecoder(nn.Module):
     def names(self) -> list[str]:
         return head_names(self.num_heads)
 
+    def initial_boxes(self, proposals: dict) -> Tensor:
+        """The heads' initial boxes from the relation block's output (detached): the refined
+        ``xyzr`` for AdaMixer heads, the normalized cxcywh proposal ``boxes`` for Sparse R-CNN heads."""
+        return (proposals["xyzr"] if self.decoder_type == "adamixer" else proposals["boxes"]).detach()
+
     def forward(self, features: Sequence[Tensor], content: Tensor, init_boxes: Tensor, image_sizes: Tensor,
                 valid: Tensor, heads: Optional[Sequence[int]] = None, blocked: Optional[Tensor] = None) -> list[dict]:
         """

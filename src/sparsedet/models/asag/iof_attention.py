@@ -75,6 +75,8 @@ def iof_self_attention(attention: nn.MultiheadAttention, iof_tau: Tensor, conten
     """
     with torch.no_grad():
         pe = sine_position_encoding(xyzr, content.shape[-1] // 4)
+    if content.shape[1] == 0:               # no query at all: nothing to attend (MHA rejects Q = 0)
+        return content + pe
     bias = iof_attention_bias(xyzr, iof_tau, blocked)
     x = (content + pe).transpose(0, 1)                                    # (Q, B, d)
     out = attention(x, x, x, attn_mask=bias, need_weights=False)[0]

@@ -75,6 +75,9 @@ class SparseStage(RCNNStage):
             ``logits`` (B, Q, C), ``boxes`` (B, Q, 4) normalized cxcywh, ``content`` (B, Q, d).
         """
         batch, num_queries, dim = content.shape
+        if num_queries == 0:                # MHA rejects empty sequences; nothing to compute
+            return {"logits": content.new_zeros(batch, 0, self.class_logits.out_features),
+                    "boxes": boxes.new_zeros(batch, 0, 4), "content": content}
         whwh = image_whwh(image_sizes).to(boxes.device)
         pixel_xyxy = box_cxcywh_to_xyxy(boxes) * whwh
         rois = self.pooler(features, list(pixel_xyxy))                        # (B*Q, d, S, S)
