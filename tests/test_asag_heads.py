@@ -516,3 +516,22 @@ def test_decoder_attribute_names_are_official():
     assert a.decoder_embedding.weight.shape == (2, D)
     assert any(k.startswith("bbox_head.1.") for k in a.state_dict())
     assert any(k.startswith("head_series.1.") for k in s.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["adamixer", "sparse_rcnn"])
+def test_cuda_matches_cpu(kind):
+    block, decoder = tiny_relation_block(), tiny_decoder(kind, num_heads=2)
+    randomize(block, 13)
+    randomize(decoder, 14)
+    feats = pyramid(3, seed=15)
+    anchors, valid = padded_anchors()
+    with torch.no_grad():
+        rpn, heads = run_pipeline(block, decoder, feats, anchors, SIZES, valid)
+        block, decoder = block.cuda(), decoder.cuda()
+        rpn_gpu, heads_gpu = run_pipeline(block, decoder, [f.cuda() for f in feats], anchors.cuda(), SIZES.cuda(),
+                                          valid.cuda())
+    torch.testing.assert_close(rpn_gpu["boxes"].cpu()[valid], rpn["boxes"][valid], atol=1e-4, rtol=1e-4)
+    for h, h_gpu in zip(heads, heads_gpu):
+        torch.testing.assert_close(h_gpu["logits"].cpu()[valid], h["logits"][valid], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h_gpu["boxes"].cpu()[valid], h["boxes"][valid], atol=1e-4, rtol=1e-4)

@@ -38,11 +38,13 @@ class ParallelDecoder(nn.Module):
         activation: ``gelu`` (official) / ``relu`` / ``silu``.
         adamixer_points: (in_points, out_points, groups) of the AdaMixer heads (32, 128, 4).
         strides: pixel strides of the feature levels P2..P5 (4, 8, 16, 32).
+        dropout: dropout inside the heads (official 0.0).
     """
 
     def __init__(self, decoder_type: str, num_classes: int, num_heads: int = 4, content_dim: int = 256,
                  num_attention_heads: int = 8, dim_feedforward: int = 2048, activation: str = "gelu",
-                 adamixer_points: Sequence[int] = (32, 128, 4), strides: Sequence[int] = (4, 8, 16, 32)):
+                 adamixer_points: Sequence[int] = (32, 128, 4), strides: Sequence[int] = (4, 8, 16, 32),
+                 dropout: float = 0.0):
         super().__init__()
         if decoder_type not in DECODER_TYPES:
             raise ValueError(f"model.decoder_type must be one of {sorted(DECODER_TYPES)}, got {decoder_type!r}")
@@ -56,11 +58,12 @@ class ParallelDecoder(nn.Module):
         if decoder_type == "adamixer":
             in_points, out_points, groups = adamixer_points
             stages = [AdaMixerStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
-                                    in_points, out_points, groups, strides) for _ in range(num_heads)]
+                                    in_points, out_points, groups, strides, dropout=dropout)
+                      for _ in range(num_heads)]
         else:
             levels = [int(s).bit_length() - 1 for s in strides]
             stages = [SparseStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
-                                  pooler_levels=levels) for _ in range(num_heads)]
+                                  pooler_levels=levels, dropout=dropout) for _ in range(num_heads)]
         self._stage_attribute = attribute
         setattr(self, attribute, nn.ModuleList(stages))
 
