@@ -388,8 +388,12 @@ def test_decoder_bad_inputs_name_the_key():
     with pytest.raises(ValueError, match="model.activation"):
         ParallelDecoder("adamixer", C, content_dim=D, dim_feedforward=48, activation="tanh",
                         adamixer_points=(8, 16, 4))
-    decoder = tiny_decoder("sparse_rcnn", num_heads=2)
+    adamixer = tiny_decoder("adamixer", num_heads=1)
     anchors, valid = padded_anchors()
+    xyzr = cxcywh_to_xyzr(anchors)
+    with pytest.raises(ValueError, match="expects 4 feature maps"):
+        adamixer(pyramid(3)[:3], torch.zeros(3, 4, D), xyzr, SIZES, valid)
+    decoder = tiny_decoder("sparse_rcnn", num_heads=2)
     with pytest.raises(ValueError, match="head 3 does not exist.*aux_0, main"):
         decoder(pyramid(3), torch.zeros(3, 4, D), torch.rand(3, 4, 4), SIZES, valid, heads=[3])
 

@@ -98,6 +98,12 @@ class AdaptiveSamplingMixing(nn.Module):
 
     def forward(self, features: Sequence[Tensor], query: Tensor, xyzr: Tensor) -> Tensor:
         """P2..P5 maps (B, d, H_l, W_l), (B, Q, d) query, (B, Q, 4) xyzr -> (B, Q, d)."""
+        if len(features) != len(self.strides):
+            raise ValueError(f"AdaMixer sampling expects {len(self.strides)} feature maps (strides {self.strides}), "
+                             f"got {len(features)}")
+        if features[0].shape[1] % self.num_groups:
+            raise ValueError(f"AdaMixer sampling: {features[0].shape[1]} feature channels do not split into "
+                             f"{self.num_groups} groups")
         points = make_sample_points(self.sampling_offset_generator(query), xyzr)
         sampled = sampling_3d(points, features, self.strides, self.num_groups, self.tau)
         return self.norm(self.adaptive_mixing(sampled, query))
