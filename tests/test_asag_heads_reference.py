@@ -157,7 +157,9 @@ def reference_adamixer(s, feats, content, xyzr, groups=4, points=8, out_points=1
     for level, (feat, stride) in enumerate(zip(feats, STRIDES)):
         height, width = feat.shape[-2:]
         for grp in range(groups):
-            grid = torch.stack([2 * px[:, :, grp] / (width * stride) - 1, 2 * py[:, :, grp] / (height * stride) - 1], -1)
+            gx = 2 * px[:, :, grp] / (width * stride) - 1
+            gy = 2 * py[:, :, grp] / (height * stride) - 1
+            grid = torch.stack([gx, gy], -1)
             val = F.grid_sample(feat[:, grp * c:(grp + 1) * c], grid, align_corners=False)   # (B, c, Q, P)
             sampled[:, :, grp] += val.permute(0, 2, 3, 1) * level_w[:, :, grp, :, level, None]
     # Adaptive mixing.
