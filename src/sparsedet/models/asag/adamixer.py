@@ -84,7 +84,7 @@ class AdaMixerStage(nn.Module):
             ``logits`` (B, Q, C), ``boxes`` (B, Q, 4) normalized cxcywh, ``xyzr`` (B, Q, 4) refined,
             ``content`` (B, Q, d) output query content.
         """
-        x = self.attention_norm(iof_self_attention(self.attention, self.iof_tau, content, xyzr, blocked))
+        x = iof_self_attention(self.attention, self.iof_tau, content, xyzr, blocked, self.attention_norm)
         x = self.sampling_n_mixing(features, x, xyzr)
         x = self.ffn_norm(self.ffn(x) + x)
         logits = self.fc_cls(run_tower(self.cls_fcs, x))

@@ -105,7 +105,7 @@ class RelationBlock(nn.Module):
         content = self.tokens_norm1(self.roi(rois.reshape(batch, num_queries, self.roi.in_features)))
 
         xyzr = xyxy_to_xyzr(anchors_xyxy, self.xyzr_stride)
-        content = self.tokens_norm3(iof_self_attention(self.attn, self.iof_tau, content, xyzr, blocked))
+        content = iof_self_attention(self.attn, self.iof_tau, content, xyzr, blocked, self.tokens_norm3)
         content = self.tokens_norm2(content + self.tokens_proj(content))
 
         logits = self.fc_cls(run_tower(self.cls_fcs, content))
