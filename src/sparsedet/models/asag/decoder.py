@@ -18,7 +18,8 @@ from .sparse_stage import SparseStage
 
 __all__ = ["DECODER_TYPES", "ParallelDecoder", "head_names"]
 
-DECODER_TYPES = {"adamixer": ("bbox_head", AdaMixerStage), "sparse_rcnn": ("head_series", SparseStage)}
+# decoder type -> attribute holding its heads (the official state-dict prefix)
+DECODER_TYPES = {"adamixer": "bbox_head", "sparse_rcnn": "head_series"}
 
 
 def head_names(num_heads: int) -> list[str]:
@@ -49,12 +50,11 @@ class ParallelDecoder(nn.Module):
         if decoder_type not in DECODER_TYPES:
             raise ValueError(f"model.decoder_type must be one of {sorted(DECODER_TYPES)}, got {decoder_type!r}")
         if num_heads < 1:
-            raise ValueError(f"model.num_decoder_heads must be >= 1, got {num_heads}")
+            raise ValueError(f"model.num_heads_decoder must be >= 1, got {num_heads}")
         self.decoder_type = decoder_type
         self.num_heads = num_heads
         self.num_attention_heads = num_attention_heads
         self.decoder_embedding = nn.Embedding(num_heads, content_dim)
-        attribute, stage_class = DECODER_TYPES[decoder_type]
         if decoder_type == "adamixer":
             in_points, out_points, groups = adamixer_points
             stages = [AdaMixerStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
@@ -64,8 +64,8 @@ class ParallelDecoder(nn.Module):
             levels = [int(s).bit_length() - 1 for s in strides]
             stages = [SparseStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
                                   pooler_levels=levels, dropout=dropout) for _ in range(num_heads)]
-        self._stage_attribute = attribute
-        setattr(self, attribute, nn.ModuleList(stages))
+        self._stage_attribute = DECODER_TYPES[decoder_type]
+        setattr(self, self._stage_attribute, nn.ModuleList(stages))
 
     @property
     def heads(self) -> nn.ModuleList:
