@@ -35,15 +35,16 @@ class AdaMixerStage(nn.Module):
         strides: pixel strides of the input levels (4, 8, 16, 32); xyzr is in units of strides[0].
         num_cls_fcs, num_reg_fcs: tower depths (1, 3).
         prior_prob: initial foreground probability of the classifier bias.
+        dropout: attention dropout (official 0.0; AdaMixer has no other dropout).
     """
 
     def __init__(self, num_classes: int, content_dim: int = 256, num_heads: int = 8, dim_feedforward: int = 2048,
                  activation: str = "gelu", in_points: int = 32, out_points: int = 128, num_groups: int = 4,
                  strides: Sequence[int] = (4, 8, 16, 32), num_cls_fcs: int = 1, num_reg_fcs: int = 3,
-                 prior_prob: float = 0.01):
+                 prior_prob: float = 0.01, dropout: float = 0.0):
         super().__init__()
         self.strides = tuple(strides)
-        self.attention = nn.MultiheadAttention(content_dim, num_heads)
+        self.attention = nn.MultiheadAttention(content_dim, num_heads, dropout=dropout)
         self.attention_norm = nn.LayerNorm(content_dim)
         self.ffn = MLP(content_dim, dim_feedforward, content_dim, 2, activation)
         self.ffn_norm = nn.LayerNorm(content_dim)
@@ -83,7 +84,7 @@ class AdaMixerStage(nn.Module):
             ``logits`` (B, Q, C), ``boxes`` (B, Q, 4) normalized cxcywh, ``xyzr`` (B, Q, 4) refined,
             ``content`` (B, Q, d) output query content.
         """
-        x = self.attention_norm(iof_self_attention(self.attention, self.iof_tau, content, xyzr, blocked))
+        x = iof_self_attention(self.attention, self.iof_tau, content, xyzr, blocked, self.attention_norm)
         x = self.sampling_n_mixing(features, x, xyzr)
         x = self.ffn_norm(self.ffn(x) + x)
         logits = self.fc_cls(run_tower(self.cls_fcs, x))

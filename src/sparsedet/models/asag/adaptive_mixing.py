@@ -51,7 +51,8 @@ class AdaptiveMixing(nn.Module):
     def forward(self, sampled: Tensor, query: Tensor) -> Tensor:
         """(B, Q, G, P_in, c) samples, (B, Q, d) query -> (B, Q, d) ``query + mixed``."""
         batch, num_queries, groups, points, channels = sampled.shape
-        params = self.parameter_generator(query).reshape(batch * num_queries, groups, -1)
+        per_group = self.m_parameters + self.s_parameters
+        params = self.parameter_generator(query).reshape(batch * num_queries, groups, per_group)
         m, s = params.split([self.m_parameters, self.s_parameters], dim=2)
         m = m.reshape(batch * num_queries, groups, channels, channels)
         s = s.reshape(batch * num_queries, groups, self.out_points, points)
@@ -60,7 +61,7 @@ class AdaptiveMixing(nn.Module):
         x = self.act1(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
         x = torch.matmul(s, x)                                                   # spatial mixing
         x = self.act2(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
-        return query + self.out_proj(x.reshape(batch, num_queries, -1))
+        return query + self.out_proj(x.reshape(batch, num_queries, self.out_proj.in_features))
 
 
 class AdaptiveSamplingMixing(nn.Module):
@@ -97,6 +98,12 @@ class AdaptiveSamplingMixing(nn.Module):
 
     def forward(self, features: Sequence[Tensor], query: Tensor, xyzr: Tensor) -> Tensor:
         """P2..P5 maps (B, d, H_l, W_l), (B, Q, d) query, (B, Q, 4) xyzr -> (B, Q, d)."""
+        if len(features) != len(self.strides):
+            raise ValueError(f"AdaMixer sampling expects {len(self.strides)} feature maps (strides {self.strides}), "
+                             f"got {len(features)}")
+        if features[0].shape[1] % self.num_groups:
+            raise ValueError(f"AdaMixer sampling: {features[0].shape[1]} feature channels do not split into "
+                             f"{self.num_groups} groups")
         points = make_sample_points(self.sampling_offset_generator(query), xyzr)
         sampled = sampling_3d(points, features, self.strides, self.num_groups, self.tau)
         return self.norm(self.adaptive_mixing(sampled, query))

@@ -18,7 +18,8 @@ from .sparse_stage import SparseStage
 
 __all__ = ["DECODER_TYPES", "ParallelDecoder", "head_names"]
 
-DECODER_TYPES = {"adamixer": ("bbox_head", AdaMixerStage), "sparse_rcnn": ("head_series", SparseStage)}
+# decoder type -> attribute holding its heads (the official state-dict prefix)
+DECODER_TYPES = {"adamixer": "bbox_head", "sparse_rcnn": "head_series"}
 
 
 def head_names(num_heads: int) -> list[str]:
@@ -38,31 +39,33 @@ class ParallelDecoder(nn.Module):
         activation: ``gelu`` (official) / ``relu`` / ``silu``.
         adamixer_points: (in_points, out_points, groups) of the AdaMixer heads (32, 128, 4).
         strides: pixel strides of the feature levels P2..P5 (4, 8, 16, 32).
+        dropout: dropout inside the heads (official 0.0).
     """
 
     def __init__(self, decoder_type: str, num_classes: int, num_heads: int = 4, content_dim: int = 256,
                  num_attention_heads: int = 8, dim_feedforward: int = 2048, activation: str = "gelu",
-                 adamixer_points: Sequence[int] = (32, 128, 4), strides: Sequence[int] = (4, 8, 16, 32)):
+                 adamixer_points: Sequence[int] = (32, 128, 4), strides: Sequence[int] = (4, 8, 16, 32),
+                 dropout: float = 0.0):
         super().__init__()
         if decoder_type not in DECODER_TYPES:
             raise ValueError(f"model.decoder_type must be one of {sorted(DECODER_TYPES)}, got {decoder_type!r}")
         if num_heads < 1:
-            raise ValueError(f"model.num_decoder_heads must be >= 1, got {num_heads}")
+            raise ValueError(f"model.num_heads_decoder must be >= 1, got {num_heads}")
         self.decoder_type = decoder_type
         self.num_heads = num_heads
         self.num_attention_heads = num_attention_heads
         self.decoder_embedding = nn.Embedding(num_heads, content_dim)
-        attribute, stage_class = DECODER_TYPES[decoder_type]
         if decoder_type == "adamixer":
             in_points, out_points, groups = adamixer_points
             stages = [AdaMixerStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
-                                    in_points, out_points, groups, strides) for _ in range(num_heads)]
+                                    in_points, out_points, groups, strides, dropout=dropout)
+                      for _ in range(num_heads)]
         else:
             levels = [int(s).bit_length() - 1 for s in strides]
             stages = [SparseStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
-                                  pooler_levels=levels) for _ in range(num_heads)]
-        self._stage_attribute = attribute
-        setattr(self, attribute, nn.ModuleList(stages))
+                                  pooler_levels=levels, dropout=dropout) for _ in range(num_heads)]
+        self._stage_attribute = DECODER_TYPES[decoder_type]
+        setattr(self, self._stage_attribute, nn.ModuleList(stages))
 
     @property
     def heads(self) -> nn.ModuleList:
@@ -72,6 +75,11 @@ class ParallelDecoder(nn.Module):
     @property
     def names(self) -> list[str]:
         return head_names(self.num_heads)
+
+    def initial_boxes(self, proposals: dict) -> Tensor:
+        """The heads' initial boxes from the relation block's output (detached): the refined
+        ``xyzr`` for AdaMixer heads, the normalized cxcywh proposal ``boxes`` for Sparse R-CNN heads."""
+        return (proposals["xyzr"] if self.decoder_type == "adamixer" else proposals["boxes"]).detach()
 
     def forward(self, features: Sequence[Tensor], content: Tensor, init_boxes: Tensor, image_sizes: Tensor,
                 valid: Tensor, heads: Optional[Sequence[int]] = None, blocked: Optional[Tensor] = None) -> list[dict]:

@@ -60,8 +60,8 @@ def iof_attention_bias(xyzr: Tensor, iof_tau: Tensor, blocked: Optional[Tensor] 
 
 
 def iof_self_attention(attention: nn.MultiheadAttention, iof_tau: Tensor, content: Tensor, xyzr: Tensor,
-                       blocked: Optional[Tensor] = None) -> Tensor:
-    """One IoF-biased self-attention with its residual, before the LayerNorm.
+                       blocked: Optional[Tensor] = None, norm: Optional[nn.Module] = None) -> Tensor:
+    """One IoF-biased self-attention with its residual, then the block's post-norm.
 
     Args:
         attention: a sequence-first ``nn.MultiheadAttention`` (``batch_first=False``, official).
@@ -69,13 +69,22 @@ def iof_self_attention(attention: nn.MultiheadAttention, iof_tau: Tensor, conten
         content: (B, Q, d) query content.
         xyzr: (B, Q, 4) query boxes (stride-4 units); used without gradient.
         blocked: optional (B * heads, Q, Q) bool mask, True = blocked.
+        norm: the LayerNorm applied after the residual (None = none).
 
     Returns:
-        (B, Q, d) ``attn(c + pe, c + pe, c + pe) + (c + pe)`` with ``pe`` the sine encoding of xyzr.
+        (B, Q, d) ``norm(attn(c + pe, c + pe, c + pe) + (c + pe))`` with ``pe`` the sine encoding of
+        xyzr. The norm runs in the sequence-first layout, before transposing back, as officially:
+        later layers then see the same memory layout and round identically.
     """
     with torch.no_grad():
         pe = sine_position_encoding(xyzr, content.shape[-1] // 4)
+    norm = norm if norm is not None else nn.Identity()
+    if content.shape[1] == 0:               # no query at all: nothing to attend (MHA rejects Q = 0)
+        return norm(content + pe)
     bias = iof_attention_bias(xyzr, iof_tau, blocked)
     x = (content + pe).transpose(0, 1)                                    # (Q, B, d)
-    out = attention(x, x, x, attn_mask=bias, need_weights=False)[0]
-    return (out + x).transpose(0, 1)
+    # need_weights=True keeps PyTorch on the explicit softmax(QK^T + bias) V path the official code
+    # runs (the fused kernel chosen otherwise rounds differently, ~1e-6, which the sampling offsets
+    # of the AdaMixer heads amplify).
+    out = attention(x, x, x, attn_mask=bias, need_weights=True)[0]
+    return norm(out + x).transpose(0, 1)

@@ -102,10 +102,10 @@ class RelationBlock(nn.Module):
             blocked = padded_query_mask(valid, self.num_heads)
         anchors_xyxy = box_cxcywh_to_xyxy(anchors.detach())
         rois = self.pooler(features, list(anchors_xyxy))                    # (B*Q, d, 7, 7)
-        content = self.tokens_norm1(self.roi(rois.reshape(batch, num_queries, -1)))
+        content = self.tokens_norm1(self.roi(rois.reshape(batch, num_queries, self.roi.in_features)))
 
         xyzr = xyxy_to_xyzr(anchors_xyxy, self.xyzr_stride)
-        content = self.tokens_norm3(iof_self_attention(self.attn, self.iof_tau, content, xyzr, blocked))
+        content = iof_self_attention(self.attn, self.iof_tau, content, xyzr, blocked, self.tokens_norm3)
         content = self.tokens_norm2(content + self.tokens_proj(content))
 
         logits = self.fc_cls(run_tower(self.cls_fcs, content))

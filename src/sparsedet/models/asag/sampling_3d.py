@@ -29,7 +29,7 @@ def make_sample_points(offsets: Tensor, xyzr: Tensor) -> Tensor:
         (x, y in stride-4 units, z = continuous level index).
     """
     batch, num_queries = offsets.shape[:2]
-    offsets = offsets.view(batch, num_queries, -1, 3)
+    offsets = offsets.view(batch, num_queries, offsets.shape[-1] // 3, 3)
     z = xyzr[..., 2:3]
     wh = 2.0 ** z * 2.0 ** torch.cat([-xyzr[..., 3:4], xyzr[..., 3:4]], dim=-1)     # (B, Q, 2)
     xy = xyzr[..., None, 0:2] + offsets[..., :2] * wh[..., None, :]

@@ -36,13 +36,15 @@ class SparseStage(RCNNStage):
         pooler_levels, pooler_resolution: RoIAlign on P2..P5, 7 x 7.
         num_cls_fcs, num_reg_fcs: tower depths (1, 3).
         prior_prob: initial foreground probability of the classifier bias.
+        dropout: attention, residual and FFN dropout (official 0.0).
     """
 
     def __init__(self, num_classes: int, content_dim: int = 256, num_heads: int = 8, dim_feedforward: int = 2048,
                  activation: str = "gelu", dim_dynamic: int = 64, pooler_levels: Sequence[int] = (2, 3, 4, 5),
-                 pooler_resolution: int = 7, num_cls_fcs: int = 1, num_reg_fcs: int = 3, prior_prob: float = 0.01):
+                 pooler_resolution: int = 7, num_cls_fcs: int = 1, num_reg_fcs: int = 3, prior_prob: float = 0.01,
+                 dropout: float = 0.0):
         cfg = SparseRCNNConfig(num_classes=num_classes, hidden_dim=content_dim, num_heads=num_heads,
-                               dim_feedforward=dim_feedforward, dropout=0.0, dim_dynamic=dim_dynamic,
+                               dim_feedforward=dim_feedforward, dropout=dropout, dim_dynamic=dim_dynamic,
                                num_cls_layers=num_cls_fcs, num_reg_layers=num_reg_fcs,
                                pooler_resolution=pooler_resolution)
         box_coder = BoxCoder((2.0, 2.0, 1.0, 1.0), math.log(100000.0 / 16))
@@ -75,6 +77,9 @@ class SparseStage(RCNNStage):
             ``logits`` (B, Q, C), ``boxes`` (B, Q, 4) normalized cxcywh, ``content`` (B, Q, d).
         """
         batch, num_queries, dim = content.shape
+        if num_queries == 0:                # MHA rejects empty sequences; nothing to compute
+            return {"logits": content.new_zeros(batch, 0, self.class_logits.out_features),
+                    "boxes": boxes.new_zeros(batch, 0, 4), "content": content}
         whwh = image_whwh(image_sizes).to(boxes.device)
         pixel_xyxy = box_cxcywh_to_xyxy(boxes) * whwh
         rois = self.pooler(features, list(pixel_xyxy))                        # (B*Q, d, S, S)
