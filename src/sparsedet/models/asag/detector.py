@@ -58,7 +58,8 @@ class ASAG(nn.Module):
         self.rpn = RelationBlock(cfg.num_classes, d, cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation)
         self.decoder = ParallelDecoder(cfg.decoder_type, cfg.num_classes, cfg.num_heads_decoder, d,
                                        cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation,
-                                       (cfg.adamixer_in_points, cfg.adamixer_out_points, cfg.adamixer_groups))
+                                       (cfg.adamixer_in_points, cfg.adamixer_out_points, cfg.adamixer_groups),
+                                       dropout=cfg.dropout)
         self.test_head_index = cfg.test_head_index()
         self.nms_threshold = (cfg.test_nms_threshold if cfg.test_nms_threshold is not None
                               else SETTINGS[cfg.setting]["nms_threshold"])
@@ -91,9 +92,9 @@ class ASAG(nn.Module):
         proposals = self.rpn(features, boxes, sizes, valid, blocked)
         if not self.training:
             self.last_proposals = {"logits": proposals["logits"].detach(), "boxes": proposals["boxes"].detach()}
-        init = proposals["xyzr"] if self.cfg.decoder_type == "adamixer" else proposals["boxes"]
         heads = None if self.training else [self.test_head_index]
-        outputs = self.decoder(features, proposals["content"], init.detach(), sizes, valid, heads, blocked)
+        outputs = self.decoder(features, proposals["content"], self.decoder.initial_boxes(proposals), sizes, valid,
+                               heads, blocked)
         if not self.training:
             head = outputs[0]
             return postprocess(head["logits"], head["boxes"], valid, image_sizes, self.cfg.detections_per_image,
