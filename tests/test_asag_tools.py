@@ -72,3 +72,18 @@ def test_demo_config_for_asag(tmp_path):
     config = demo_config(data, 10, 0, "asag_s")
     assert config["model"]["decoder_type"] == "sparse_rcnn" and config["solver"]["max_iter"] == 10
     assert describe_model(config).startswith("ASAG-S")
+
+
+def test_postprocess_drops_padding_and_applies_nms():
+    from sparsedet.models.asag.postprocess import postprocess
+
+    logits = torch.tensor([[[2.0, -1.0], [1.5, 1.0], [9.0, 9.0]]])              # query 2 is padding
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    out = postprocess(logits, boxes, valid, [(100, 200)], detections_per_image=3)[0]
+    assert out["scores"].tolist() == pytest.approx(torch.sigmoid(torch.tensor([2.0, 1.5, 1.0])).tolist())
+    assert out["labels"].tolist() == [0, 0, 1]
+    assert torch.allclose(out["boxes"][0], torch.tensor([80.0, 40.0, 120.0, 60.0]))
+    # class-wise NMS (setting 300): the second class-0 box overlaps the first; class 1 stays
+    out = postprocess(logits, boxes, valid, [(100, 200)], detections_per_image=3, nms_threshold=0.7)[0]
+    assert out["labels"].tolist() == [0, 1]
