@@ -90,7 +90,7 @@ def explain_asag(model: nn.Module, image: Union[str, Path, torch.Tensor], score_
     figure.suptitle(f"ASAG adaptive sparse anchors: {int(valid.sum())} anchors "
                     f"(P5/P6 {int((levels == 5).sum())}, P4 {int((levels == 4).sum())}, P3 {int((levels == 3).sum())})",
                     fontsize=12)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
