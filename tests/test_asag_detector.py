@@ -168,3 +168,14 @@ def test_fast_inference_runs_and_exposes_anchors():
         out = model([torch.rand(3, 160, 224) * 255, torch.rand(3, 128, 160) * 255])
     assert len(out) == 2 and model.last_anchors.boxes.shape[0] == 2
     assert (model.last_anchors.valid.sum(1) >= 5).all()
+
+
+def test_backbone_bn_affine_is_trained_outside_frozen_stages():
+    """Official ASAG backbone: BN statistics fixed, BN weight/bias of layer2-4 trainable (spec 1.2)."""
+    model = tiny()
+    body = model.backbone.body
+    assert body.layer2[0].bn1.weight.requires_grad and not body.layer1[0].bn1.weight.requires_grad
+    assert not body.bn1.weight.requires_grad
+    assert "layer2.0.bn1.running_mean" in dict(body.named_buffers())
+    frozen = tiny("model.backbone.trainable_bn_affine=false").backbone.body
+    assert "layer2.0.bn1.weight" in dict(frozen.named_buffers())
