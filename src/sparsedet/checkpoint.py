@@ -5,6 +5,7 @@ numpy arrays) go through an unpickler that only admits numpy array reconstructio
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
@@ -55,7 +56,10 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
                 raise ValueError(f"{path}: not a detectron2 .pkl of numpy arrays ({err})") from err
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # Official ASAG (DETR-style) checkpoints pickle the training ``argparse.Namespace`` of
+            # plain values beside the weights; allow that one class, nothing else.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt or unsafe files
             raise ValueError(f"{path}: cannot be read as a PyTorch weights file ({err})") from err
     if not isinstance(data, Mapping):

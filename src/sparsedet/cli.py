@@ -76,6 +76,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                          f"e.g. data.{args.split}.format=coco data.{args.split}.annotations=FILE "
                          f"data.{args.split}.images=DIR")
     dataset = read_dataset(data_cfg[args.split], data_cfg.get("root"), f"data.{args.split}")
+    if args.anchor_recall:
+        from .engine.recall import anchor_recall
+
+        recall = anchor_recall(model, dataset, model.config)
+        for kind, values in recall.items():
+            print(f"{kind:>9} " + "  ".join(f"AR@{n} {100 * v:.2f}" for n, v in values.items()))
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "anchor_recall.json").write_text(json.dumps(recall, indent=1))
+        print(f"wrote {output / 'anchor_recall.json'}")
+        return 0
     result = evaluate_model(model, dataset, model.config, results_path=output / "results.json")
     print(result.table())
     (output / "metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
@@ -189,7 +199,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    result = convert_checkpoint(args.arch, args.src, args.dst)
+    options = {"keep_head": args.keep_head} if args.keep_head else {}
+    if options and args.arch != "asag":
+        raise SystemExit(f"--keep-head applies to asag checkpoints only, not {args.arch}")
+    result = convert_checkpoint(args.arch, args.src, args.dst, **options)
     print(result.report)
     overrides = " ".join(f"{k}={v}" for k, v in result.config_overrides.items())
     print(f"load it with: sparsedet.load({str(args.dst)!r})  (architecture overrides: {overrides})")
@@ -257,6 +270,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", help="data section to evaluate on (default: %(default)s)")
     evaluate.add_argument("--output", help="output folder (default: next to the weights, eval/)")
     evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    evaluate.add_argument("--anchor-recall", action="store_true",
+                          help="instead of AP: mmdet-style AR@100/300/1000 of the generated anchors and "
+                               "proposals (ASAG)")
     evaluate.set_defaults(func=_cmd_eval)
 
     predict = commands.add_parser(
@@ -273,8 +289,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                          help="drop detections below this score (default: %(default)s)")
     predict.add_argument("--explain", action="store_true",
                          help="QueryDet: also draw the query heat-maps and the active sites of Cascade "
-                              "Sparse Query; TSP-FCOS: the features of interest that entered the encoder "
-                              "(<name>_explain.png)")
+                              "Sparse Query; ASAG: the fixed and probing patches and the anchors they produced; "
+                              "TSP: the FoIs / RoIs that entered the encoder (<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=_cmd_predict)
 
@@ -290,7 +306,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
-    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos", "tsp_rcnn"],
+    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos", "tsp_rcnn", "asag_a", "asag_s"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
     demo.add_argument("--resume", action="store_true",
@@ -310,6 +326,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                          help="architecture of the checkpoint")
     convert.add_argument("src", help="official checkpoint file")
     convert.add_argument("dst", help="output .pth file")
+    convert.add_argument("--keep-head", choices=["aux_0", "aux_1", "aux_2", "main"],
+                         help="asag only: keep just this decoder head (the one-head speed model)")
     convert.set_defaults(func=_cmd_convert)
 
     configs = commands.add_parser(

@@ -4,12 +4,13 @@
 panels over it: the dense query heat-map on the start level (P4), the query scores at the P3
 positions the cascade evaluated, the queried sites on P3 and on P2 (the only positions where the
 high-resolution heads produced outputs), each with the final detections. ``sparsedet predict
---explain`` writes it next to the annotated image. Models listed in ``EXPLAINERS`` (TSP) draw their
-own figure (``explain_tsp``: the FoIs / RoIs that entered the transformer).
+--explain`` writes it next to the annotated image. Models listed in ``EXPLAINERS`` draw their
+own figure (TSP: the FoIs / RoIs that entered the transformer; ASAG: patches and anchors).
 """
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 from typing import Union
 
@@ -24,17 +25,16 @@ from .data.image_io import read_image
 from .data.transforms import resize_shortest_edge
 from .visualize import class_colour
 
-
 # model.name -> (module of sparsedet, function): models whose --explain figure lives in its own module.
 EXPLAINERS = {
     "tsp_fcos": ("explain_tsp", "explain_tsp_fcos"),
     "tsp_rcnn": ("explain_tsp_rcnn", "explain_tsp_rcnn"),
+    "asag": ("explain_asag", "explain_asag"),
 }
 
 
 def _own_explainer(model: nn.Module):
     """The figure function registered in ``EXPLAINERS`` for this model's ``model.name``, or None."""
-    import importlib
 
     name = (getattr(model, "config", {}) or {}).get("model", {}).get("name")
     if name not in EXPLAINERS:

@@ -23,12 +23,12 @@ def load(path: Union[str, Path], config: Union[str, Path, Mapping, None] = None,
 
     Accepts a sparsedet checkpoint (``{"model": ..., "config": ...}``, as the trainer writes), a
     bare state_dict in sparsedet layout (written by ``sparsedet convert``), or an official
-    checkpoint of Sparse R-CNN, QueryDet, RetinaNet or TSP-FCOS (converted on the fly). Without a config,
+    checkpoint of Sparse R-CNN, QueryDet, RetinaNet, TSP-FCOS, TSP-RCNN or ASAG (converted on the fly). Without a config,
     the architecture is read off the key names and tensor shapes; give ``config`` to build
     anything else (e.g. another input size recipe). ``overrides`` apply on top, e.g.
     ``["model.csq.enabled=true"]``.
     """
-    from .convert import convert_checkpoint, infer_overrides, official_architecture
+    from .convert import asag, convert_checkpoint, infer_overrides, official_architecture
     from .convert.querydet import BASE_CONFIGS
 
     data = read_weights_file(path)
@@ -40,7 +40,9 @@ def load(path: Union[str, Path], config: Union[str, Path, Mapping, None] = None,
     if arch is not None:
         result = convert_checkpoint(arch, state)
         state, inferred = result.state_dict, result.config_overrides
-        config = config or result.base_config or BASE_CONFIGS.get(arch)
+        config = config or result.base_config or {**BASE_CONFIGS, "asag": asag.BASE_CONFIG}.get(arch)
+    elif config is None and asag.is_sparsedet_asag(state):
+        inferred, config = asag.infer_overrides(state), asag.BASE_CONFIG
     elif config is None:
         inferred = infer_overrides(state)
     model = build_model(config or "sparse_rcnn/r50_fpn_100pro_3x",

@@ -12,7 +12,7 @@ import os
 from typing import Callable, Mapping, Optional, Union
 
 from ..checkpoint import extract_state_dict, read_weights_file, save_atomic
-from . import querydet, sparse_rcnn, tsp_rcnn
+from . import asag, querydet, sparse_rcnn, tsp_rcnn
 from .tsp_fcos import convert_tsp_fcos, is_tsp_fcos
 from .common import ConversionResult
 from .sparse_rcnn import infer_overrides, looks_official
@@ -23,16 +23,17 @@ CONVERTERS: "dict[str, Callable[[Mapping, str], ConversionResult]]" = {
     "retinanet": querydet.convert_retinanet,
     "tsp_fcos": convert_tsp_fcos,
     "tsp_rcnn": tsp_rcnn.convert_tsp_rcnn,
+    "asag": asag.convert_state_dict,
 }
 
 
 def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
-                       dst: Optional[Union[str, os.PathLike]] = None) -> ConversionResult:
+                       dst: Optional[Union[str, os.PathLike]] = None, **options) -> ConversionResult:
     """Converts an official checkpoint to sparsedet layout.
 
     Args:
         arch: converter name, one of ``CONVERTERS`` (``sparse_rcnn``, ``querydet``, ``retinanet``,
-            ``tsp_fcos``).
+            ``tsp_fcos``, ``tsp_rcnn``, ``asag``).
         src: a ``.pth`` (bare state_dict or ``{"model": state_dict, ...}``) or detectron2 ``.pkl``
             (numpy arrays) file, or an already-loaded dict of the same.
         dst: if given, the bare converted state_dict is written there atomically; it loads with
@@ -55,7 +56,7 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
     else:
         source = str(src)
         state = extract_state_dict(read_weights_file(src), source)
-    result = CONVERTERS[arch](state, source)
+    result = CONVERTERS[arch](state, source, **options)
     if dst is not None:
         save_atomic(result.state_dict, dst)
         result.report += f"\n  written to {dst}"
@@ -65,6 +66,8 @@ def convert_checkpoint(arch: str, src: Union[str, os.PathLike, Mapping],
 def official_architecture(state: Mapping[str, object]) -> Optional[str]:
     """The converter name for an official (detectron2-layout) state_dict, or None when ``state``
     is not in an official layout (e.g. already sparsedet's)."""
+    if asag.looks_like_asag(state):
+        return "asag"
     if not looks_official(state):
         return None
     if is_tsp_fcos(state):

@@ -61,3 +61,19 @@ class BoxCoder:
         w = torch.exp(dw) * ref_w
         h = torch.exp(dh) * ref_h
         return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+    def decode_cxcywh(self, deltas: Tensor, reference: Tensor) -> Tensor:
+        """Same decoding on cxcywh boxes, any unit (e.g. normalized): (..., 4) deltas and cxcywh
+        reference -> (..., 4) cxcywh. ASAG-S decodes normalized cxcywh boxes this way."""
+        reference = reference.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        dx = deltas[..., 0] / wx
+        dy = deltas[..., 1] / wy
+        dw = (deltas[..., 2] / ww).clamp(max=self.scale_clamp)
+        dh = (deltas[..., 3] / wh).clamp(max=self.scale_clamp)
+        return torch.stack((
+            dx * reference[..., 2] + reference[..., 0],
+            dy * reference[..., 3] + reference[..., 1],
+            torch.exp(dw) * reference[..., 2],
+            torch.exp(dh) * reference[..., 3],
+        ), dim=-1)

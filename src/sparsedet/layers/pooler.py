@@ -15,6 +15,11 @@ class MultiLevelRoIAlign(nn.Module):
     levels given. Unlike ``torchvision.ops.MultiScaleRoIAlign`` this uses ``aligned=True`` (the
     half-pixel offset of detectron2's ROIAlignV2) and the level strides are given, not inferred.
 
+    ``level_rule="torchvision"`` with ``aligned=False`` reproduces ``MultiScaleRoIAlign`` (used by
+    ASAG's official code): its epsilon sits outside the log,
+    ``floor(canonical_level + log2(sqrt(area) / canonical_size) + 1e-6)``, which only differs from
+    the default rule for boxes within ~1e-4 px of a level boundary.
+
     Args:
         levels: pyramid levels of the input features, e.g. ``(2, 3, 4, 5)`` for P2..P5
             (stride ``2 ** level``).
@@ -24,8 +29,11 @@ class MultiLevelRoIAlign(nn.Module):
 
     def __init__(self, levels: Sequence[int] = (2, 3, 4, 5), output_size: int = 7,
                  sampling_ratio: int = 2, canonical_size: float = 224.0,
-                 canonical_level: int = 4, aligned: bool = True):
+                 canonical_level: int = 4, aligned: bool = True, level_rule: str = "detectron2"):
         super().__init__()
+        if level_rule not in ("detectron2", "torchvision"):
+            raise ValueError(f"pooler level_rule must be 'detectron2' or 'torchvision', got {level_rule!r}")
+        self.level_rule = level_rule
         self.levels = tuple(int(level) for level in levels)
         if list(self.levels) != list(range(self.levels[0], self.levels[0] + len(self.levels))):
             raise ValueError(f"pooler levels must be consecutive, got {self.levels}")
@@ -38,7 +46,10 @@ class MultiLevelRoIAlign(nn.Module):
     def assign_levels(self, boxes: Tensor) -> Tensor:
         """(K, 4) xyxy boxes -> (K,) index into ``self.levels``."""
         sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-        levels = torch.floor(self.canonical_level + torch.log2(sizes / self.canonical_size + 1e-8))
+        if self.level_rule == "torchvision":
+            levels = torch.floor(self.canonical_level + torch.log2(sizes / self.canonical_size) + 1e-6)
+        else:
+            levels = torch.floor(self.canonical_level + torch.log2(sizes / self.canonical_size + 1e-8))
         # A NaN size (degenerate box) would give an undefined level; send it to the lowest one.
         levels = torch.nan_to_num(levels, nan=float(self.levels[0]))
         levels = levels.clamp(min=self.levels[0], max=self.levels[-1])

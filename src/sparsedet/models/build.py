@@ -7,6 +7,8 @@ from typing import Iterable, Mapping, Optional, Union
 from torch import nn
 
 from ..config import ConfigError, from_dict, load_config
+from .asag.config import ASAGConfig
+from .asag.detector import ASAG
 from .faster_rcnn import FasterRCNN, FasterRCNNConfig
 from .fcos import FCOS, FCOSConfig, QueryDetFCOSConfig
 from .querydet import QueryDet, QueryDetConfig
@@ -24,6 +26,7 @@ MODELS = {
     "faster_rcnn": (FasterRCNNConfig, FasterRCNN),
     "tsp_fcos": (TSPFCOSConfig, TSPFCOS),
     "tsp_rcnn": (TSPRCNNConfig, TSPRCNN),
+    "asag": (ASAGConfig, ASAG),
 }
 
 

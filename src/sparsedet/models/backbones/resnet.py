@@ -18,6 +18,19 @@ RESNET_BUILDERS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50
                    101: resnet.resnet101, 152: resnet.resnet152}
 
 
+class FrozenStatsBatchNorm2d(FrozenBatchNorm2d):
+    """FrozenBatchNorm2d whose running statistics stay fixed but whose affine ``weight`` and
+    ``bias`` are trainable parameters (the norm layer of DETR-family code such as ASAG's; the same
+    state_dict keys as ``FrozenBatchNorm2d``)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps)
+        weight, bias = self.weight, self.bias
+        del self.weight, self.bias          # buffers -> parameters
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+
 class ResNetBody(nn.Module):
     """ResNet without its classifier. ``forward`` returns ``{"c2": ..., "c5": ...}`` (strides 4..32).
 
@@ -26,13 +39,14 @@ class ResNetBody(nn.Module):
     """
 
     def __init__(self, depth: int = 50, layout: str = "torchvision", frozen_bn: bool = True,
-                 freeze_at: int = 2):
+                 freeze_at: int = 2, trainable_bn_affine: bool = False):
         super().__init__()
         if depth not in RESNET_BUILDERS:
             raise ValueError(f"backbone.depth must be one of {sorted(RESNET_BUILDERS)}, got {depth}")
         if layout not in ("torchvision", "caffe"):
             raise ValueError(f"backbone.layout must be 'torchvision' or 'caffe', got {layout!r}")
-        norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        norm_layer = ((FrozenStatsBatchNorm2d if trainable_bn_affine else FrozenBatchNorm2d)
+                      if frozen_bn else nn.BatchNorm2d)
         net = RESNET_BUILDERS[depth](weights=None, norm_layer=norm_layer)
         if layout == "caffe":
             _move_stride_to_1x1(net)

@@ -6,12 +6,13 @@ Module and parameter names follow the official code (``head_series.{k}.inst_inte
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ...layers import BoxCoder, MultiLevelRoIAlign
+from ...layers.activation import build_activation
 from .config import SparseRCNNConfig
 
 
@@ -58,10 +59,10 @@ class AttentionInteraction(nn.Module):
         return self.attn(query, roi_features, roi_features, need_weights=False)[0].squeeze(1)
 
 
-def _tower(num_layers: int, dim: int) -> nn.Sequential:
+def _tower(num_layers: int, dim: int, activation: str = "relu") -> nn.Sequential:
     layers = []
     for _ in range(num_layers):
-        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), build_activation(activation)]
     return nn.Sequential(*layers)
 
 
@@ -71,10 +72,21 @@ class RCNNStage(nn.Module):
     ``forward(roi_features (B*N, S*S, d), proposal_features (B, N, d), boxes (B, N, 4))`` returns
     ``(class_logits (B, N, C'), boxes (B, N, 4), object_features (B, N, d))`` where the boxes are
     decoded relative to the input boxes.
+
+    Options used by ASAG-S (``models/asag/sparse_stage.py``); the defaults are Sparse R-CNN's:
+        activation: of the FFN and the class / box towers (``relu``; ASAG: ``gelu``). The dynamic
+            convolution keeps its ReLU in both.
+        box_format: ``xyxy`` (boxes in pixels, Sparse R-CNN) or ``cxcywh`` (boxes decoded directly
+            as cxcywh in any unit, ASAG-S uses image-normalized cxcywh).
+    ``forward`` also takes ``attn_mask``: (B * heads, N, N) bool, True = blocked (padded queries).
     """
 
-    def __init__(self, cfg: SparseRCNNConfig, num_logits: int, box_coder: BoxCoder):
+    def __init__(self, cfg: SparseRCNNConfig, num_logits: int, box_coder: BoxCoder,
+                 activation: str = "relu", box_format: str = "xyxy"):
         super().__init__()
+        if box_format not in ("xyxy", "cxcywh"):
+            raise ValueError(f"RCNNStage box_format must be 'xyxy' or 'cxcywh', got {box_format!r}")
+        self.box_format = box_format
         d = cfg.hidden_dim
         self.use_self_attention = cfg.self_attention
         if cfg.self_attention:
@@ -94,25 +106,30 @@ class RCNNStage(nn.Module):
         self.linear2 = nn.Linear(cfg.dim_feedforward, d)
         self.norm3 = nn.LayerNorm(d)
         self.dropout3 = nn.Dropout(cfg.dropout)
-        self.activation = nn.ReLU(inplace=True)
-        self.cls_module = _tower(cfg.num_cls_layers, d)
-        self.reg_module = _tower(cfg.num_reg_layers, d)
+        self.activation = build_activation(activation)
+        self.cls_module = _tower(cfg.num_cls_layers, d, activation)
+        self.reg_module = _tower(cfg.num_reg_layers, d, activation)
         self.class_logits = nn.Linear(d, num_logits)
         self.bboxes_delta = nn.Linear(d, 4)
         self.box_coder = box_coder
 
-    def forward(self, roi_features: Tensor, proposal_features: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, roi_features: Tensor, proposal_features: Tensor, boxes: Tensor,
+                attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         batch, num_proposals, dim = proposal_features.shape
         x = proposal_features
         if self.use_self_attention:
             # Attention runs among the N proposals of each image, never across images.
-            x = self.norm1(x + self.dropout1(self.self_attn(x, x, x, need_weights=False)[0]))
+            attended = self.self_attn(x, x, x, attn_mask=attn_mask, need_weights=False)[0]
+            x = self.norm1(x + self.dropout1(attended))
         x = x.reshape(batch * num_proposals, dim)
         x = self.norm2(x + self.dropout2(self.inst_interact(x, roi_features)))
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x))))))
         logits = self.class_logits(self.cls_module(x))
         deltas = self.bboxes_delta(self.reg_module(x))
-        new_boxes = self.box_coder.decode(deltas, boxes.reshape(-1, 4))
+        if self.box_format == "cxcywh":
+            new_boxes = self.box_coder.decode_cxcywh(deltas, boxes.reshape(-1, 4))
+        else:
+            new_boxes = self.box_coder.decode(deltas, boxes.reshape(-1, 4))
         return (logits.view(batch, num_proposals, -1), new_boxes.view(batch, num_proposals, 4),
                 x.view(batch, num_proposals, dim))
 
