@@ -54,7 +54,7 @@ def _model_name(full: Mapping, source: Optional[Union[str, Path]]) -> str:
     if not isinstance(section, Mapping) or "name" not in section:
         where = f"config {source}" if source is not None else "the config"
         what = "no model section" if not isinstance(section, Mapping) else "a model section without a name"
-        raise ConfigError(f"{where} has {what} (neither in it nor in its _base_): set model.name to one of "
+        raise ConfigError(f"{where} has no model.name ({what}, neither in it nor in its _base_): set model.name to one of "
                           f"{', '.join(sorted(MODELS))}, or start from a bundled config (sparsedet configs)")
     name = section["name"]
     if name not in MODELS:
