@@ -26,6 +26,11 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class InvalidInputError(UserError, ValueError):
+    """A file or value the user supplied is invalid (a ``ValueError`` too, for library callers
+    that catch those)."""
+
+
 # Errors raised by library code written before ``UserError`` existed, and by the OS for files the
 # user named (missing, unreadable, no space): also expected, also one line.
 EXPECTED_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
