@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .config_schema import validate_config
-from .errors import UsageError
+from .errors import ConfigError  # noqa: F401  (re-exported: sparsedet.config.ConfigError)
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 
@@ -43,10 +43,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(UsageError, ValueError):
-    """A config file or override is invalid; the message names the file and the field."""
 
 
 def bundled_configs() -> list[str]:
@@ -86,7 +82,7 @@ def load_config(name_or_path: str | Path | Mapping, overrides: Iterable[str] | M
         apply_override(config, item)
     try:
         validate_config(config)
-    except UsageError as err:
+    except ConfigError as err:
         source = "" if isinstance(name_or_path, Mapping) else f"config {name_or_path}: "
         raise ConfigError(f"{source}{err}") from None
     return config

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from .errors import UsageError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,11 @@ def defaults(section: str) -> dict[str, Any]:
     return {name: key.default for name, key in SECTIONS[section].items()}
 
 
-def _unknown(name: str, where: str, valid) -> UsageError:
+def _unknown(name: str, where: str, valid) -> ConfigError:
     valid = sorted(valid)
     close = difflib.get_close_matches(name, valid, n=3)
     hint = f" (did you mean {', '.join(f'{where}.{c}' if where else c for c in close)}?)" if close else ""
-    return UsageError(f"unknown config key {where + '.' if where else ''}{name}{hint}; valid keys: {', '.join(valid)}")
+    return ConfigError(f"unknown config key {where + '.' if where else ''}{name}{hint}; valid keys: {', '.join(valid)}")
 
 
 def _type_ok(kind: str, value) -> bool:
@@ -190,27 +190,27 @@ _KIND_TEXT = {"int": "an integer", "float": "a finite number", "bool": "true or 
 
 
 def check_value(key: Key, value, where: str) -> None:
-    """Raises ``UsageError`` naming ``where``, the value and what is expected."""
+    """Raises ``ConfigError`` naming ``where``, the value and what is expected."""
     if value is None:
         if key.nullable or key.default is None:
             return
-        raise UsageError(f"{where}: expected {_KIND_TEXT[key.kind]}, got null")
+        raise ConfigError(f"{where}: expected {_KIND_TEXT[key.kind]}, got null")
     expected = _KIND_TEXT[key.kind] + (" or null" if key.nullable else "")
     if not _type_ok(key.kind, value):
-        raise UsageError(f"{where}: expected {expected}, got {value!r}")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     if key.choices and value not in key.choices:
-        raise UsageError(f"{where}: expected one of {', '.join(map(str, key.choices))}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {', '.join(map(str, key.choices))}, got {value!r}")
     if key.check is not None:
         items = value if key.kind == "ints" and isinstance(value, (list, tuple)) else [value]
         if not all(key.check(v) for v in items):
-            raise UsageError(f"{where}: expected {expected} {key.expect}, got {value!r}")
+            raise ConfigError(f"{where}: expected {expected} {key.expect}, got {value!r}")
 
 
 def _check_section(table: Mapping[str, Key], section, where: str) -> None:
     if section is None:
         return
     if not isinstance(section, Mapping):
-        raise UsageError(f"{where}: expected a mapping of keys, got {section!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {section!r}")
     for name, value in section.items():
         if name not in table:
             raise _unknown(str(name), where, table)
@@ -220,10 +220,10 @@ def _check_section(table: Mapping[str, Key], section, where: str) -> None:
 def check_dataset_section(section, where: str) -> None:
     """Checks a data-set section (``data.train``): a known ``format`` and only its keys."""
     if not isinstance(section, Mapping):
-        raise UsageError(f"{where}: expected a mapping with a 'format' key, got {section!r}")
+        raise ConfigError(f"{where}: expected a mapping with a 'format' key, got {section!r}")
     fmt = section.get("format")
     if fmt not in DATASET_FORMATS:
-        raise UsageError(f"{where}.format: expected one of {', '.join(DATASET_FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"{where}.format: expected one of {', '.join(DATASET_FORMATS)}, got {fmt!r}")
     required, optional = DATASET_FORMATS[fmt]
     allowed = {"format", "check_images", *required, *optional}
     for name in section:
@@ -232,24 +232,24 @@ def check_dataset_section(section, where: str) -> None:
             hint = (f" ({name} belongs to format {' / '.join(other)}: when you switch {where}.format by an "
                     "override, sparsedet drops the base's keys of that set)") if other else ""
             err = _unknown(str(name), where, allowed)
-            raise UsageError(f"{err} for format {fmt}{hint}")
+            raise ConfigError(f"{err} for format {fmt}{hint}")
     check = section.get("check_images", "header")
     if check not in CHECK_IMAGES:
-        raise UsageError(f"{where}.check_images: expected one of {', '.join(CHECK_IMAGES)}, got {check!r}")
+        raise ConfigError(f"{where}.check_images: expected one of {', '.join(CHECK_IMAGES)}, got {check!r}")
 
 
 def validate_config(config: Mapping) -> None:
     """Checks every section but ``model`` (see the module docstring); ``model`` must be a mapping.
 
     Raises:
-        UsageError: naming the first bad key, its value and what is expected.
+        ConfigError: naming the first bad key, its value and what is expected.
     """
     for name in config:
         if name not in TOP_LEVEL:
             raise _unknown(str(name), "", TOP_LEVEL)
     model = config.get("model")
     if model is not None and not isinstance(model, Mapping):
-        raise UsageError(f"model: expected a mapping of keys, got {model!r}")
+        raise ConfigError(f"model: expected a mapping of keys, got {model!r}")
     for name, table in SECTIONS.items():
         _check_section(table, config.get(name), name)
     solver = config.get("solver") or {}
@@ -257,7 +257,7 @@ def validate_config(config: Mapping) -> None:
         _check_section(PARAM_GROUP, group, f"solver.param_groups[{i}]")
         for required in ("match", "lr"):
             if group.get(required) is None:
-                raise UsageError(f"solver.param_groups[{i}].{required}: missing")
+                raise ConfigError(f"solver.param_groups[{i}].{required}: missing")
     crop = (config.get("input") or {}).get("crop")
     _check_section(CROP, crop, "input.crop")
     data = config.get("data") or {}

@@ -31,6 +31,10 @@ class InvalidInputError(UserError, ValueError):
     that catch those)."""
 
 
+class ConfigError(InvalidInputError):
+    """A config file, override or key is invalid; the message names the file and the field."""
+
+
 # Errors raised by library code written before ``UserError`` existed, and by the OS for files the
 # user named (missing, unreadable, no space): also expected, also one line.
 EXPECTED_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
