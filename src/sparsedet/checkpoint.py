@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,7 +68,9 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
                 raise ValueError(f"{path}: not a detectron2 .pkl of numpy arrays ({err})") from err
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's pickle-protocol notes: the error says enough
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt or unsafe files
             raise InvalidInputError(f"{path} is not a weights file sparsedet can read safely "
                             f"({_unreadable_reason(err)})") from err
@@ -79,11 +82,14 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
 def _unreadable_reason(err: Exception) -> str:
     """Why torch refused a file, without torch's advice to load it unsafely."""
     text = str(err)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand \d+", text)
-    if found and found.groups():
-        return f"it holds a reference to {found.group(1)}, which is not tensor data: refused, as it could run code"
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it refers to {found.group(1)}, which is not tensor data: refused, as loading it could run code"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"not a PyTorch checkpoint of tensors: unsupported pickle opcode {found.group(1)}"
     if "weights_only" in text or "Weights only load failed" in text:
-        return "it holds objects other than tensors, numbers and containers: refused, as they could run code"
+        return "it holds objects other than tensors, numbers and containers: refused, as loading it could run code"
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return f"not a PyTorch zip or pickle file: {first[:160]}"
 
