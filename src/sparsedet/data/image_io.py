@@ -35,28 +35,10 @@ class ImageInfo:
     orientation: int
 
 
-# Bytes a complete file of these formats ends with (JPEG: the EOI marker; PNG: the IEND chunk).
-_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-
-
-def _tail_is_complete(path: Path, image_format: str | None) -> bool:
-    """False when a JPEG/PNG does not end with its end marker: a cut-off download or copy. (Some
-    writers append bytes after the marker, so a False is confirmed by decoding.)"""
-    marker = _END_MARKERS.get(image_format or "")
-    if marker is None:
-        return True
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - 64))
-        tail = f.read().rstrip(b"\x00\r\n ")
-    return tail.endswith(marker)
-
-
 def read_image_info(path: str | Path, decode: bool = False) -> ImageInfo:
     """Reads an image's size from its header; with ``decode=True`` also decodes all pixels, which
-    is the only way to find corrupt data. Without it, a JPEG or PNG that does not end with its end
-    marker (a truncated file: its header is intact) is decoded to confirm, so truncated files are
-    found up front in the default ``check_images: header`` mode too, at the cost of one tail read.
+    is the only way to find truncated or corrupt data (the header of a truncated JPEG is intact;
+    :func:`looks_truncated` finds the likely ones cheaply).
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -69,13 +51,32 @@ def read_image_info(path: str | Path, decode: bool = False) -> ImageInfo:
         with Image.open(path) as img:
             orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
             stored_width, stored_height = img.size
-            if decode or not _tail_is_complete(path, img.format):
+            if decode:
                 img.load()
     except _DECODE_ERRORS as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return ImageInfo(stored_width, stored_height, stored_height, stored_width, orientation)
     return ImageInfo(stored_height, stored_width, stored_height, stored_width, orientation)
+
+
+# (leading magic, bytes a complete file ends with): JPEG SOI ... EOI, PNG signature ... IEND chunk.
+_END_MARKERS = ((b"\xff\xd8", b"\xff\xd9"), (b"\x89PNG", b"IEND\xaeB`\x82"))
+
+
+def looks_truncated(path: str | Path) -> bool:
+    """True when a JPEG or PNG file does not end with its end marker, as a cut-off download or copy
+    does (two small reads, no decoding). Some writers append bytes after the marker, so a True
+    is to be confirmed by decoding the file; other formats give False."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")
+    except OSError:
+        return False
+    return any(head.startswith(magic) and not tail.endswith(end) for magic, end in _END_MARKERS)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
