@@ -22,16 +22,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cases = build_cases(Path(tmp) / "inputs")
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", SPARSEDET_DEBUG="0")
-        print("| kind | bad input | command | exit | stderr (last line) | as expected |")
+        print("| kind | bad input | command | exit | message (last stderr line; stdout for exit 0) | as expected |")
         print("|---|---|---|---|---|---|")
         for number, case in enumerate(cases):
             run = Path(tmp) / f"run{number}"
             argv = [a.replace("{run}", str(run)) for a in case.argv]
             proc = subprocess.run([sys.executable, "-m", "sparsedet", *argv], capture_output=True, text=True,
                                   env=env, cwd=tmp, timeout=600)
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            # The message: the error line, or for a run that must succeed, its summary on stdout.
+            stream = proc.stderr if case.exit_code else proc.stdout
+            lines = [line for line in stream.splitlines() if line.strip()]
             last = lines[-1] if lines else ""
-            ok = proc.returncode == case.exit_code and case.expect in last
+            ok = proc.returncode == case.exit_code and case.expect in last and "Traceback" not in proc.stderr
             if case.marker is not None and case.marker.exists():
                 ok = False
                 last += " (CODE RAN)"
