@@ -37,9 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.distributed import init_distributed
     from .engine.trainer import Trainer
-    from .log import setup_logging
-
     from .errors import check_writable_dir
+    from .log import setup_logging
 
     output = Path(args.output) if args.output else _default_output(args.config)
     ctx = init_distributed(args.device)

@@ -21,7 +21,8 @@ class UserError(Exception):
 
 
 class UsageError(UserError):
-    """The command or its configuration is wrong before anything ran (exit code 2)."""
+    """The command line asks for something that cannot be, e.g. a CUDA device that is not there
+    (exit code 2, as argparse's own usage errors)."""
 
     exit_code = 2
 
@@ -47,7 +48,7 @@ def is_expected(err: BaseException) -> bool:
 
 
 def exit_code(err: BaseException) -> int:
-    """2 for usage/config errors, 1 for everything else."""
+    """2 for command-line usage errors (``UsageError``), 1 for every other expected error."""
     return int(getattr(err, "exit_code", 1))
 
 
