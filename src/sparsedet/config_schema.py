@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -180,7 +181,7 @@ def _type_ok(kind: str, value) -> bool:
     if kind == "mapping":
         return isinstance(value, Mapping)
     if kind == "path":
-        return isinstance(value, str) and bool(value)
+        return isinstance(value, os.PathLike) or (isinstance(value, str) and bool(value))
     return True
 
 
