@@ -261,7 +261,9 @@ class Trainer:
                         raise FloatingPointError(
                             f"the loss was NaN/inf in {nonfinite_in_a_row} consecutive iterations (last at "
                             f"{self.iteration}): training diverged. Lower solver.base_lr (now {s.get('base_lr')}), "
-                            f"set solver.clip_grad_norm, or disable solver.amp; {self._saved_state_text()}.")
+                            f"set solver.clip_grad_norm, or disable solver.amp; {self._saved_state_text()} "
+                            "(its weights may already be far off: resume from it only with those changes, or "
+                            "start again).")
                 self.iteration += 1
                 step_time = time.perf_counter() - start
                 if finite:
