@@ -74,7 +74,8 @@ def test_poolers_refuse_non_finite_features_and_pass_finite_inputs():
     assert MultiLevelRoIAlign((2, 3), 7, 2)(features, boxes).shape == (1, 4, 7, 7)
     features[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="features"):
-        MultiLevelRoIAlign((2, 3), 7, 2)(features, boxes)
+        MultiLevelRoIAlign((2, 3), 7, 2)(features, boxes)  # training mode, as in the trainer
+    assert MultiLevelRoIAlign((2, 3), 7, 2).eval()(features, boxes).shape == (1, 4, 7, 7)  # boxes only
 
 
 def test_faster_rcnn_pools_through_the_guard():

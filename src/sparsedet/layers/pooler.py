@@ -20,7 +20,9 @@ def check_poolable(features: Sequence[Tensor], boxes: Sequence[Tensor]) -> None:
     or any feature map is non-finite.
 
     Args:
-        features: feature maps, each (B, C, H, W).
+        features: feature maps, each (B, C, H, W); pass ``()`` to check the boxes only (the
+            poolers do so at inference, where NaN features only give NaN scores, not a crash,
+            and a full pass over every map at every head stage would cost time).
         boxes: per image (K_i, 4) xyxy boxes in input pixels.
     """
     for b in boxes:
@@ -36,7 +38,7 @@ class GuardedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (used by ``RoIHeads``) behind ``check_poolable``."""
 
     def forward(self, x: Mapping[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        check_poolable([x[name] for name in self.featmap_names], boxes)
+        check_poolable([x[name] for name in self.featmap_names] if self.training else (), boxes)
         return super().forward(x, boxes, image_shapes)
 
 
@@ -88,7 +90,7 @@ class MultiLevelRoIAlign(nn.Module):
         """
         if len(features) != len(self.levels):
             raise ValueError(f"pooler expects {len(self.levels)} feature maps, got {len(features)}")
-        check_poolable(features, boxes)
+        check_poolable(features if self.training else (), boxes)
         rois = torch.cat([
             torch.cat([torch.full_like(b[:, :1], i, dtype=torch.float32), b.float()], dim=1)
             for i, b in enumerate(boxes)
