@@ -110,7 +110,6 @@ class Trainer:
         self.iteration = 0
         self.best_ap = -math.inf
         self.saved_iteration: Optional[int] = None  # iteration held by last.pth (None: not written)
-        self.wrote_best = False
         resume_path = self._resume_path(resume)
         if resume_path is not None:
             self._load_checkpoint(resume_path)
@@ -193,8 +192,6 @@ class Trainer:
         state = self._checkpoint_state()
         if name == "last.pth":
             self.saved_iteration = self.iteration
-        elif name == "best.pth":
-            self.wrote_best = True
         if not self.ctx.is_main:
             return None
         return save_atomic(state, self.output_dir / name)
