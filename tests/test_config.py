@@ -82,7 +82,7 @@ def test_dotted_overrides():
         "model.proposal_init=grid",
         "solver.base_lr=1e-4",
         "input.min_size_test=600",
-        "new_section.key=value=with=equals",
+        "data.train.images=value=with=equals",
     ])
     assert config["model"]["backbone"]["weights"] is None
     assert config["model"]["backbone"]["depth"] == 101
@@ -92,7 +92,7 @@ def test_dotted_overrides():
     assert config["model"]["proposal_init"] == "grid"
     assert config["solver"]["base_lr"] == pytest.approx(1e-4)
     assert config["input"]["min_size_test"] == 600
-    assert config["new_section"]["key"] == "value=with=equals"
+    assert config["data"]["train"]["images"] == "value=with=equals"
     # untouched siblings stay
     assert config["model"]["backbone"]["layout"] == "torchvision"
 

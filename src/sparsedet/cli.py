@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -36,16 +37,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.distributed import init_distributed
     from .engine.trainer import Trainer
+    from .errors import check_writable_dir
     from .log import setup_logging
 
     output = Path(args.output) if args.output else _default_output(args.config)
     ctx = init_distributed(args.device)
+    if ctx.is_main:
+        check_writable_dir(output)
     setup_logging(output / "train.log", main_process=ctx.is_main)
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config, output, resume=args.resume, device=args.device, progress=not args.no_progress)
     result = trainer.train()
     if ctx.is_main:
-        print(f"outputs in {output}/ (last.pth, best.pth, metrics.jsonl, tensorboard/)")
+        written = [name for name in ("last.pth", "best.pth", "metrics.jsonl", "tensorboard/")
+                   if (output / name).exists()]
+        print(f"outputs in {output}/ ({', '.join(written)})")
         if trainer.stopped_early:
             print(f"stopped at iteration {trainer.iteration}: continue with --resume")
         elif result is not None:
@@ -65,9 +71,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import read_dataset
     from .engine.evaluate import evaluate_model
+    from .errors import check_writable_dir
     from .log import setup_logging
 
     output = Path(args.output) if args.output else Path(args.weights).parent / "eval"
+    check_writable_dir(output)
     setup_logging(output / "eval.log")
     model = _load_for_inference(args)
     data_cfg = model.config.get("data") or {}
@@ -241,6 +249,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         prog="sparsedet", description="Sparse, query-based object detection: train, evaluate, predict, convert.",
         epilog=EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"sparsedet {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line (also: SPARSEDET_DEBUG=1); "
+                             "may be given anywhere on the command line")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser(
@@ -346,7 +357,12 @@ def _command_in(argv: Sequence[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from .errors import check_device, exit_code, is_expected, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global but accepted anywhere (also after the command's own options).
+    debug = "--debug" in argv or os.environ.get("SPARSEDET_DEBUG", "") not in ("", "0")
+    argv = [item for item in argv if item != "--debug"]
     parser = build_parser(_command_in(argv) or "")
     # Overrides may come anywhere, also after options (argparse alone only takes them before).
     args, extra = parser.parse_known_args(argv)
@@ -370,10 +386,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stray:
             parser.error(f"{args.command}: expected KEY=VALUE overrides, got {stray}")
     try:
+        check_device(getattr(args, "device", None))
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
-        print(f"sparsedet {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # expected user errors -> one line; bugs keep their traceback
+        if debug or not is_expected(err):
+            raise
+        print(f"sparsedet {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return exit_code(err)
     except KeyboardInterrupt:
         print(f"sparsedet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,11 @@ whose values it overrides key by key. Overrides are ``"a.b.c=value"`` strings wh
 parsed as YAML (``model.num_proposals=300``, ``model.backbone.weights=null``).
 
 Typed sections: ``from_dict(SomeDataclass, data, "model")`` builds a dataclass and rejects
-unknown keys with the full dotted name and the closest valid key.
+unknown keys with the full dotted name and the closest valid key, and values of the wrong type.
+Every other section is declared and checked in ``config_schema`` when the config is read.
+
+Switching a data set's format by override (``data.train.format=yolo``) replaces that set's
+section: the base's keys of the old format are dropped, the other overrides of the set apply.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from .config_schema import validate_config
+from .errors import ConfigError  # noqa: F401  (re-exported: sparsedet.config.ConfigError)
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 
@@ -36,10 +43,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and the field."""
 
 
 def bundled_configs() -> list[str]:
@@ -69,16 +72,48 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path | Mapping, overrides: Iterable[str] | Mapping | None = None) -> dict:
-    """Reads a config (path, bundled name or an already-loaded dict) and applies overrides."""
+    """Reads a config (path, bundled name or an already-loaded dict), applies overrides and checks
+    every section outside ``model`` (``config_schema.validate_config``).
+
+    Raises:
+        ConfigError: the file, an override, or a key's name, type or range is invalid.
+    """
     if isinstance(name_or_path, Mapping):
         config = copy.deepcopy(dict(name_or_path))
     else:
         config = _read_with_bases(resolve_config_path(name_or_path), seen=())
     if isinstance(overrides, Mapping):
         overrides = format_overrides(overrides)
-    for item in overrides or ():
+    overrides = list(overrides or ())
+    _reset_switched_formats(config, overrides)
+    for item in overrides:
         apply_override(config, item)
+    try:
+        validate_config(config)
+    except ConfigError as err:
+        source = "" if isinstance(name_or_path, Mapping) else f"config {name_or_path}: "
+        raise ConfigError(f"{source}{err}") from None
     return config
+
+
+def _reset_switched_formats(config: dict, overrides: list[str]) -> None:
+    """A ``section.format=X`` override that changes the format of an existing section empties
+    that section first, so that the base's keys of the old format do not linger."""
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if parts[-1] != "format" or len(parts) < 2:
+            continue
+        node = config
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and "format" in node:
+            try:
+                new = _yaml_load(raw)
+            except yaml.YAMLError:
+                continue  # apply_override reports it
+            if new != node["format"]:
+                node.clear()
 
 
 def format_overrides(values: Mapping) -> list[str]:
@@ -150,12 +185,39 @@ def from_dict(cls, data: Mapping | None, prefix: str):
             hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {prefix}.{key}{hint}; valid keys: {', '.join(fields)}")
         hint_type = hints[key]
+        _check_type(value, hint_type, f"{prefix}.{key}")
         if dataclasses.is_dataclass(hint_type):
             value = from_dict(hint_type, value, f"{prefix}.{key}")
         elif isinstance(value, list) and _is_tuple_hint(hint_type):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_TYPE_TEXT = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(value, hint, where: str) -> None:
+    """Raises ``ConfigError`` when a YAML value cannot be the dataclass field's type
+    (``model.num_proposals=abc``); containers and unusual hints are checked loosely."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            _check_type(value, options[0], where)
+        return
+    if dataclasses.is_dataclass(hint) or value is None:
+        return  # nested sections check themselves; None is allowed where the default is None
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {int: is_int, float: is_int or isinstance(value, float), bool: isinstance(value, bool),
+          str: isinstance(value, str)}.get(hint)
+    if ok is None and (hint in (tuple, list) or origin in (tuple, list)):
+        ok = isinstance(value, (list, tuple))
+    if ok is False:
+        kind = _TYPE_TEXT.get(hint, "a list")
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}")
 
 
 def _is_tuple_hint(hint) -> bool:

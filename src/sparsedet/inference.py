@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import extract_state_dict, read_weights_file
+from .checkpoint import extract_state_dict, load_model_weights, read_weights_file
 from .config import format_overrides
 from .data.image_io import read_image
 from .data.transforms import resize_shortest_edge
@@ -47,11 +47,7 @@ def load(path: Union[str, Path], config: Union[str, Path, Mapping, None] = None,
         inferred = infer_overrides(state)
     model = build_model(config or "sparse_rcnn/r50_fpn_100pro_3x",
                         format_overrides(inferred) + list(overrides or ()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the model built from its config: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    load_model_weights(model, state, path)
     return model.to(device).eval()
 
 

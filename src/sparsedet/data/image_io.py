@@ -37,7 +37,8 @@ class ImageInfo:
 
 def read_image_info(path: str | Path, decode: bool = False) -> ImageInfo:
     """Reads an image's size from its header; with ``decode=True`` also decodes all pixels, which
-    is the only way to find truncated or corrupt data (the header of a truncated JPEG is intact).
+    is the only way to find truncated or corrupt data (the header of a truncated JPEG is intact;
+    :func:`looks_truncated` finds the likely ones cheaply).
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -57,6 +58,25 @@ def read_image_info(path: str | Path, decode: bool = False) -> ImageInfo:
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return ImageInfo(stored_width, stored_height, stored_height, stored_width, orientation)
     return ImageInfo(stored_height, stored_width, stored_height, stored_width, orientation)
+
+
+# (leading magic, bytes a complete file ends with): JPEG SOI ... EOI, PNG signature ... IEND chunk.
+_END_MARKERS = ((b"\xff\xd8", b"\xff\xd9"), (b"\x89PNG", b"IEND\xaeB`\x82"))
+
+
+def looks_truncated(path: str | Path) -> bool:
+    """True when a JPEG or PNG file does not end with its end marker, as a cut-off download or copy
+    does (two small reads, no decoding). Some writers append bytes after the marker, so a True
+    is to be confirmed by decoding the file; other formats give False."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")
+    except OSError:
+        return False
+    return any(head.startswith(magic) and not tail.endswith(end) for magic, end in _END_MARKERS)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

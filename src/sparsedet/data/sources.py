@@ -26,7 +26,8 @@ Section formats (YAML)::
 
 Every format also takes ``check_images: none | header | full`` (default ``header``): "none" trusts
 the annotations, "header" opens each image header (missing/unreadable files skipped, sizes and
-EXIF orientation checked), "full" decodes every image (finds truncated files; slow on big sets).
+EXIF orientation checked, a JPEG/PNG without its end marker decoded to find truncated files),
+"full" decodes every image (also finds corrupt data inside a file; slow on big sets).
 
 Relative paths are resolved against ``root`` (the config's ``data.root``; None = the current
 directory).
@@ -37,18 +38,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from ..config_schema import DATASET_FORMATS
 from .coco import read_coco
 from .records import DetectionDataset
 from .validation import CHECK_MODES
 from .voc import read_voc
 from .yolo import load_class_names, read_yolo
 
-# format -> (required keys, optional keys with defaults)
-_KEYS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "coco": (("annotations", "images"), {}),
-    "voc": (("images", "annotations"), {"split": None, "classes": None, "keep_difficult": False}),
-    "yolo": (("images", "labels", "classes"), {}),
-}
+# format -> (required keys, optional keys with defaults), declared with every other config key.
+_KEYS = DATASET_FORMATS
 
 
 def _resolve(value: Any, root: Optional[Path], key: str, must_be: str) -> Path:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import records as R
-from .image_io import ImageInfo, read_image_info
+from .image_io import ImageInfo, looks_truncated, read_image_info
 
 CHECK_MODES = ("none", "header", "full")
 
@@ -31,8 +31,9 @@ _CLIP_REPORT_TOLERANCE = 1e-3
 
 def check_mode(value: str, where: str) -> str:
     """Validates a ``check_images`` value: "none" (trust the annotations), "header" (open each
-    image's header: existence, format, size, EXIF orientation), "full" (decode every image, which
-    also finds truncated files; slow)."""
+    image's header: existence, format, size, EXIF orientation; and decode the JPEG/PNG files
+    that lack their end marker, i.e. find truncated files up front), "full" (decode every image,
+    which also finds corrupt data inside a complete file; slow)."""
     if value not in CHECK_MODES:
         raise ValueError(f"{where}: check_images must be one of {', '.join(CHECK_MODES)}, got {value!r}")
     return value
@@ -40,7 +41,8 @@ def check_mode(value: str, where: str) -> str:
 
 def inspect_images(paths: Sequence[Path], mode: str, desc: str = "checking images") -> list[
         Union[ImageInfo, Exception, None]]:
-    """Reads each image's header (``mode="header"``) or decodes it fully (``"full"``).
+    """Reads each image's header (``mode="header"``, decoding the ones that look truncated) or
+    decodes it fully (``"full"``).
 
     Returns:
         per path: its :class:`ImageInfo`, the FileNotFoundError/ValueError it raised, or None
@@ -52,7 +54,9 @@ def inspect_images(paths: Sequence[Path], mode: str, desc: str = "checking image
 
     def inspect(path: Path) -> Union[ImageInfo, Exception]:
         try:
-            return read_image_info(path, decode=decode)
+            # A truncated file found now is skipped and reported with the others, and left out of
+            # the evaluation's ground truth, instead of failing when the loader reaches it.
+            return read_image_info(path, decode=decode or looks_truncated(path))
         except (FileNotFoundError, ValueError) as err:
             return err
 

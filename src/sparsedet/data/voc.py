@@ -7,6 +7,8 @@ into 0-based xyxy pixel edges by ``(xmin - 1, ymin - 1, xmax, ymax)``, as detect
 """
 from __future__ import annotations
 
+import math
+
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,9 +48,12 @@ def _text(node: ET.Element, tag: str, where: str, required: bool = True) -> Opti
 def _number(node: ET.Element, tag: str, where: str) -> float:
     text = _text(node, tag, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{where}.{tag}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # "inf"/"nan" parse as floats but are no size or coordinate
+        raise ValueError(f"{where}.{tag}: expected a finite number, got {text!r}")
+    return value
 
 
 def _parse_xml(path: Path) -> dict:

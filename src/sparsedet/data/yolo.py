@@ -35,9 +35,9 @@ def load_class_names(source: Union[Sequence[str], str, Path]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class names file not found: {path}")
     if path.suffix.lower() not in (".yaml", ".yml"):
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: cannot parse yaml ({err})") from err
     names = data.get("names") if isinstance(data, dict) else None
@@ -50,10 +50,19 @@ def load_class_names(source: Union[Sequence[str], str, Path]) -> list[str]:
     raise ValueError(f"{path}: names: missing, expected a list of class names or an {{index: name}} mapping")
 
 
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8 (a BOM is accepted); anything else is an error naming the file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}): YOLO label and names files must be plain text") from None
+
+
 def _parse_labels(path: Path) -> list[tuple[int, int, list[float]]]:
     """A label file -> [(line number, class, [cx, cy, w, h])]."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue

@@ -3,9 +3,14 @@
 One iteration = one optimizer step over ``solver.images_per_batch`` images in total (all
 processes, all accumulation micro-steps). What the loop does, in order, each iteration:
 ``accumulate_steps`` forward/backward passes under optional AMP, a NaN/inf guard that skips the
-step (all processes together) and stops after ``solver.max_nonfinite_steps`` in a row, gradient
-clipping (per ``solver.param_groups`` entry, then ``clip_grad_norm`` full-model L2 or
-``clip_grad_value``), the optimizer(s) and LR-schedule steps (``engine/optim.py``), logging, and at the configured periods evaluation and checkpointing.
+step (all processes together; a non-finite box or feature reaching RoIAlign counts as one) and
+stops after ``solver.max_nonfinite_steps`` in a row, gradient clipping (per ``solver.param_groups``
+entry, then ``clip_grad_norm`` full-model L2 or ``clip_grad_value``), the optimizer(s) and LR-schedule
+steps (``engine/optim.py``), logging, and at the configured periods evaluation and checkpointing.
+
+During a non-finite streak nothing is evaluated or saved, so ``last.pth`` always holds a state
+whose last step was finite (the stop message names its iteration). Temporary files of a checkpoint
+write that was killed are removed when the next run in the same folder starts.
 
 Output folder: ``last.pth`` (resumable), ``best.pth`` (highest val AP), ``config.yaml`` (resolved),
 ``metrics.jsonl`` + ``tensorboard/``, ``train.log``, ``eval/`` results json per evaluation.
@@ -37,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import save_atomic
+from ..checkpoint import load_model_weights, read_weights_file, remove_stale_temporaries, save_atomic
 from ..config import ConfigError
+from ..config_schema import defaults
 from ..data import TrainingBatchSampler, TransformedDataset, build_transforms, collate, read_dataset, with_absolute_paths
 from ..evaluation import EvaluationResult
 from ..log import FILE_ONLY
@@ -52,11 +58,8 @@ from .optim import ScheduleSet, build_optimizer
 
 log = logging.getLogger("sparsedet.train")
 
-SOLVER_DEFAULTS = {
-    "images_per_batch": 16, "accumulate_steps": 1, "max_iter": 1000, "amp": False, "seed": 0,
-    "eval_period": 0, "checkpoint_period": 0, "log_period": 20, "max_nonfinite_steps": 5,
-    "clip_grad_norm": None, "clip_grad_value": None, "sync_bn": False,
-}
+# Every solver key and its default is declared in config_schema.SOLVER.
+SOLVER_DEFAULTS = defaults("solver")
 
 
 class Trainer:
@@ -90,11 +93,11 @@ class Trainer:
                               "data.train={format: coco, annotations: train.json, images: train/}")
         self.train_set = read_dataset(data_cfg["train"], data_cfg.get("root"), "data.train")
         self.val_set = read_dataset(data_cfg["val"], data_cfg.get("root"), "data.val") if data_cfg.get("val") else None
+        # The readers have logged their report (once per set); only the totals are repeated here.
         if self.ctx.is_main:
-            log.info("data.train: %d images, %d classes\n%s", len(self.train_set.records),
-                     self.train_set.num_classes, self.train_set.report.summary())
+            log.info("data.train: %d images, %d classes", len(self.train_set.records), self.train_set.num_classes)
             if self.val_set is not None:
-                log.info("data.val: %d images\n%s", len(self.val_set.records), self.val_set.report.summary())
+                log.info("data.val: %d images", len(self.val_set.records))
         if (self.config.get("input") or {}).get("filter_empty_annotations"):
             self.train_set = self.train_set.without_empty()
         if not self.train_set.records:
@@ -115,6 +118,7 @@ class Trainer:
                                            enabled=bool(self.solver["amp"]) and self.ctx.device.type == "cuda")
         self.iteration = 0
         self.best_ap = -math.inf
+        self.saved_iteration: Optional[int] = None  # iteration held by last.pth (None: not written)
         resume_path = self._resume_path(resume)
         self._resumed = resume_path is not None
         if resume_path is not None:
@@ -132,6 +136,8 @@ class Trainer:
                                   resume_iteration=self.iteration if resume_path is not None else None)
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.output_dir, ("last.pth", "best.pth")):
+                log.info("removed %s, left by a checkpoint write that was interrupted", stale)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     # ------------------------------------------------------------------ set-up helpers
@@ -209,12 +215,14 @@ class Trainer:
     def save_checkpoint(self, name: str = "last.pth") -> Optional[Path]:
         """Writes ``name`` atomically (temporary file, then rename). Collective: call on every process."""
         state = self._checkpoint_state()
+        if name == "last.pth":
+            self.saved_iteration = self.iteration
         if not self.ctx.is_main:
             return None
         return save_atomic(state, self.output_dir / name)
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_file(path)
         missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in state]
         if missing:
             raise ValueError(f"{path}: not a sparsedet training checkpoint (no {missing}); "
@@ -223,11 +231,12 @@ class Trainer:
         if saved_model is not None and saved_model != self.config.get("model") and self.ctx.is_main:
             log.warning("%s was trained with another model section than the current config; "
                         "loading its weights into the current model", path)
-        self.model.load_state_dict(state["model"])
+        load_model_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state.get("scaler") or {})
         self.iteration = int(state["iteration"])
+        self.saved_iteration = self.iteration
         self.best_ap = float(state.get("best_ap", -math.inf))
         rng = state.get("rng") or []
         if len(rng) == self.ctx.world_size:
@@ -273,13 +282,16 @@ class Trainer:
                 losses, finite = self._step(batches, accumulate)
                 nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
                 if not finite:
-                    log.warning("iteration %d: non-finite loss %s, step skipped (%d in a row)",
-                                self.iteration, {k: round(v, 4) for k, v in losses.items()}, nonfinite_in_a_row)
+                    log.warning("iteration %d: non-finite loss%s, step skipped (%d in a row)", self.iteration,
+                                f" {({k: round(v, 4) for k, v in losses.items()})}" if losses else "",
+                                nonfinite_in_a_row)
                     if nonfinite_in_a_row >= int(s["max_nonfinite_steps"]):
                         raise FloatingPointError(
                             f"the loss was NaN/inf in {nonfinite_in_a_row} consecutive iterations (last at "
                             f"{self.iteration}): training diverged. Lower solver.base_lr (now {s.get('base_lr')}), "
-                            "set solver.clip_grad_norm, or disable solver.amp; last.pth holds the last good state.")
+                            f"set solver.clip_grad_norm, or disable solver.amp; {self._saved_state_text()} "
+                            "(its weights may already be far off: resume from it only with those changes, or "
+                            "start again).")
                 self.iteration += 1
                 step_time = time.perf_counter() - start
                 if finite:
@@ -292,13 +304,20 @@ class Trainer:
                         self._log_losses(total, losses, lr, step_time, max_iter)
                 bar.update(1)
                 at_end = self.iteration == max_iter
-                if self._due("eval_period") or (at_end and self.val_set is not None):
+                # In a non-finite streak the weights are those that produced the NaN: neither
+                # evaluate nor overwrite last.pth with them.
+                in_streak = nonfinite_in_a_row > 0
+                if in_streak and (self._due("eval_period") or self._due("checkpoint_period") or at_end):
+                    log.warning("iteration %d: not evaluated or saved during a non-finite streak; %s",
+                                self.iteration, self._saved_state_text())
+                if not in_streak and (self._due("eval_period") or (at_end and self.val_set is not None)):
                     result = self.evaluate()
-                if self._due("checkpoint_period") or at_end:
+                if not in_streak and (self._due("checkpoint_period") or at_end):
                     self.save_checkpoint()
                 if any_process(self._stop_requested, self.ctx.device):
                     self.stopped_early = True
-                    self.save_checkpoint()
+                    if not in_streak:
+                        self.save_checkpoint()
                     if self.ctx.is_main:
                         # The caller (CLI train, demo) prints how to continue: on the console once.
                         log.info("stopped at iteration %d; continue with --resume", self.iteration, extra=FILE_ONLY)
@@ -324,6 +343,11 @@ class Trainer:
         parts = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
         log.info("iteration %d/%d: total_loss %.4f (%s) lr %.3e, %.2f s/step", self.iteration, max_iter,
                  total, parts, lr, step_time, extra=FILE_ONLY if self.progress else None)
+
+    def _saved_state_text(self) -> str:
+        if self.saved_iteration is None:
+            return "no last.pth was written in this run yet"
+        return f"last.pth holds iteration {self.saved_iteration}, the last finite state saved"
 
     def _due(self, key: str) -> bool:
         period = int(self.solver.get(key) or 0)

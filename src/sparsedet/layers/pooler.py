@@ -1,11 +1,45 @@
-"""Multi-level RoIAlign with detectron2's level rule (FPN paper eq. 1)."""
+"""Multi-level RoIAlign with detectron2's level rule (FPN paper eq. 1), and the guard every RoI
+pooler runs first: torchvision's ``roi_align`` kernel crashes the process (segmentation fault) on
+NaN/inf boxes and aborts on absurdly large ones, which a diverging model produces. The guard turns
+them into a ``FloatingPointError``, the trainer's non-finite-step path (skip, count, advise)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+# A box coordinate beyond this (pixels) only comes from a diverged model; roi_align's adaptive
+# sampling would allocate a grid that size.
+MAX_BOX_COORDINATE = 1e7
+
+
+def check_poolable(features: Sequence[Tensor], boxes: Sequence[Tensor]) -> None:
+    """Raises ``FloatingPointError`` when any box is non-finite or beyond ``MAX_BOX_COORDINATE``,
+    or any feature map is non-finite.
+
+    Args:
+        features: feature maps, each (B, C, H, W); pass ``()`` to check the boxes only (the
+            poolers do so at inference, where NaN features only give NaN scores, not a crash,
+            and a full pass over every map at every head stage would cost time).
+        boxes: per image (K_i, 4) xyxy boxes in input pixels.
+    """
+    for b in boxes:
+        if b.numel() and not bool((b.abs() <= MAX_BOX_COORDINATE).all()):  # NaN compares False
+            bad = b[~(b.abs() <= MAX_BOX_COORDINATE).all(dim=1)][0].tolist()
+            raise FloatingPointError(f"non-finite or diverged box {bad} reached RoIAlign: the model has diverged")
+    for f in features:
+        if not bool(torch.isfinite(f).all()):
+            raise FloatingPointError("non-finite features reached RoIAlign: the model has diverged")
+
+
+class GuardedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (used by ``RoIHeads``) behind ``check_poolable``."""
+
+    def forward(self, x: Mapping[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        check_poolable([x[name] for name in self.featmap_names] if self.training else (), boxes)
+        return super().forward(x, boxes, image_shapes)
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -67,6 +101,7 @@ class MultiLevelRoIAlign(nn.Module):
         """
         if len(features) != len(self.levels):
             raise ValueError(f"pooler expects {len(self.levels)} feature maps, got {len(features)}")
+        check_poolable(features if self.training else (), boxes)
         rois = torch.cat([
             torch.cat([torch.full_like(b[:, :1], i, dtype=torch.float32), b.float()], dim=1)
             for i, b in enumerate(boxes)

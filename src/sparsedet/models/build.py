@@ -41,7 +41,7 @@ def build_model(config: Union[str, Path, Mapping], overrides: Optional[Union[Ite
         The detector, in training mode, with the resolved config dict as ``model.config``.
     """
     full = load_config(config, overrides)
-    model_cls = MODELS[_model_name(full, config)][1]
+    model_cls = MODELS[_model_name(full, config if isinstance(config, (str, Path)) else None)][1]
     model = model_cls(model_config(full))
     model.config = full
     return model
@@ -51,14 +51,17 @@ def model_config(config: Mapping):
     """The typed ``model:`` section of a resolved config (no weights built: cheap). Raises
     ``ConfigError`` for an unknown model name or key, so the trainer can check a config before it
     spends time reading data."""
-    config_cls = MODELS[_model_name(config, "<dict>")][0]
+    config_cls = MODELS[_model_name(config, None)][0]
     return from_dict(config_cls, config["model"], "model")
 
 
-def _model_name(full: Mapping, source) -> str:
+def _model_name(full: Mapping, source: Optional[Union[str, Path]]) -> str:
     section = full.get("model")
     if not isinstance(section, Mapping) or "name" not in section:
-        raise ConfigError(f"config {source if not isinstance(source, Mapping) else '<dict>'} has no model.name")
+        where = f"config {source}" if source is not None else "the config"
+        what = "no model section" if not isinstance(section, Mapping) else "a model section without a name"
+        raise ConfigError(f"{where} has no model.name ({what}, neither in it nor in its _base_): set model.name to one of "
+                          f"{', '.join(sorted(MODELS))}, or start from a bundled config (sparsedet configs)")
     name = section["name"]
     if name not in MODELS:
         raise ConfigError(f"model.name {name!r} is not one of {sorted(MODELS)}")

@@ -1,6 +1,7 @@
 """Faster R-CNN with FPN whose RPN carries a query branch, so that the RPN's high-resolution levels can
 be evaluated with Cascade Sparse Query at test time (spec §5.2, paper table 9). The second stage is
-torchvision's ``RoIHeads`` (``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor``), unchanged."""
+torchvision's ``RoIHeads`` (``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor``), unchanged but for
+the non-finite guard in front of its pooler (``GuardedMultiScaleRoIAlign``)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -11,10 +12,10 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign
 
 from ...layers.anchors import AnchorGenerator
 from ...layers.box_coder import BoxCoder
+from ...layers.pooler import GuardedMultiScaleRoIAlign
 from ..backbones import build_backbone
 from ..csq import cascade_sparse_query
 from ..dense.iou_matcher import IoUMatcher
@@ -64,7 +65,7 @@ class FasterRCNN(nn.Module):
         roi = cfg.roi_heads
         channels = self.backbone.out_channels
         self.roi_heads = RoIHeads(
-            box_roi_pool=MultiScaleRoIAlign([f"p{lvl}" for lvl in roi.in_levels], roi.pooler_resolution,
+            box_roi_pool=GuardedMultiScaleRoIAlign([f"p{lvl}" for lvl in roi.in_levels], roi.pooler_resolution,
                                             roi.sampling_ratio),
             box_head=TwoMLPHead(channels * roi.pooler_resolution ** 2, roi.representation_size),
             box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes + 1),

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ...config import ConfigError
 from ..backbones import BackboneConfig, FPNConfig
 
 
@@ -88,3 +89,16 @@ class SparseRCNNConfig:
     box_weights: tuple = (2.0, 2.0, 1.0, 1.0)
     box_scale_clamp: float = math.log(100000.0 / 16)
     loss: SparseRCNNLossConfig = field(default_factory=SparseRCNNLossConfig)
+
+    def __post_init__(self) -> None:
+        # Ranges are checked when the config is read (from_dict builds this), not when a tensor
+        # of a negative size fails deep inside the model.
+        for name in ("num_classes", "num_proposals", "hidden_dim", "num_stages", "num_heads", "dim_feedforward",
+                     "dim_dynamic", "pooler_resolution", "size_divisor"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ConfigError(f"model.{name}: expected an integer >= 1, got {value}")
+        if isinstance(self.pooler_sampling_ratio, int) and self.pooler_sampling_ratio < 0:
+            raise ConfigError(f"model.pooler_sampling_ratio: expected an integer >= 0, got {self.pooler_sampling_ratio}")
+        if isinstance(self.dropout, (int, float)) and not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout: expected a number in [0, 1), got {self.dropout}")
