@@ -79,7 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(model, dataset, model.config, results_path=output / "results.json")
     print(result.table())
     (output / "metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
-    print(f"wrote {output / 'results.json'} and {output / 'metrics.json'}")
+    print(f"wrote {result.results_path or output / 'results.json'} and {output / 'metrics.json'}")
     return 0
 
 

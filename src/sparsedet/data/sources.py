@@ -24,6 +24,20 @@ Section formats (YAML)::
       labels: labels/train
       classes: data.yaml                            # list, names file, or data.yaml with `names`
 
+    # CrowdHuman .odgt (one JSON per line); scored with the CrowdHuman metrics (AP, mMR, recall, JI)
+    val:
+      format: crowdhuman
+      annotations: CrowdHuman/annotation_val.odgt
+      images: CrowdHuman/Images
+      box_kind: full                                # full (fbox, default) | visible (vbox) | head (hbox)
+
+    # VisDrone-DET txt (x,y,w,h,score,category,truncation,occlusion); scored with its toolkit's metrics
+    train:
+      format: visdrone
+      images: VisDrone2019-DET-train/images
+      annotations: VisDrone2019-DET-train/annotations
+      split_quadrants: true                         # the official 4-quadrant training split (default false)
+
 Every format also takes ``check_images: none | header | full`` (default ``header``): "none" trusts
 the annotations, "header" opens each image header (missing/unreadable files skipped, sizes and
 EXIF orientation checked), "full" decodes every image (finds truncated files; slow on big sets).
@@ -37,8 +51,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .coco import read_coco
+from .crowdhuman import read_crowdhuman
 from .records import DetectionDataset
 from .validation import CHECK_MODES
+from .visdrone import read_visdrone
 from .voc import read_voc
 from .yolo import load_class_names, read_yolo
 
@@ -47,6 +63,8 @@ _KEYS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "coco": (("annotations", "images"), {}),
     "voc": (("images", "annotations"), {"split": None, "classes": None, "keep_difficult": False}),
     "yolo": (("images", "labels", "classes"), {}),
+    "crowdhuman": (("annotations", "images"), {"box_kind": "full"}),
+    "visdrone": (("images", "annotations"), {"split_quadrants": False}),
 }
 
 
@@ -99,6 +117,14 @@ def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> D
 
     if fmt == "coco":
         return read_coco(path("annotations", "file"), path("images", "dir"), check_images=check)
+    if fmt == "crowdhuman":
+        return read_crowdhuman(path("annotations", "file"), path("images", "dir"), box_kind=options["box_kind"],
+                               check_images=check)
+    if fmt == "visdrone":
+        if not isinstance(options["split_quadrants"], bool):
+            raise ValueError(f"{name}.split_quadrants: expected true or false, got {options['split_quadrants']!r}")
+        return read_visdrone(path("images", "dir"), path("annotations", "dir"),
+                             split_quadrants=options["split_quadrants"], check_images=check)
     if fmt == "voc":
         split = _resolve(options["split"], root, f"{name}.split", "file") if options["split"] is not None else None
         classes = options["classes"]
