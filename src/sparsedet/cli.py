@@ -49,7 +49,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.stopped_early:
             print(f"stopped at iteration {trainer.iteration}: continue with --resume")
         elif result is not None:
-            print(f"final AP {100 * result.stats['AP']:.1f} (AP50 {100 * result.stats['AP50']:.1f})")
+            others = ", ".join(f"{n} {100 * result.stats[n]:.1f}" for n in result.rows[0][1:3])  # AP50, AP75 / mMR, Recall
+            print(f"final AP {100 * result.stats['AP']:.1f} ({others})")
     return 0
 
 
