@@ -170,3 +170,28 @@ def test_unknown_metric_name_is_a_clear_error(tmp_path):
         resolve_metric("mAP", data)
     with pytest.raises(ValueError, match="test.metric: crowdhuman needs a data set in crowdhuman format"):
         resolve_metric("crowdhuman", data)
+
+
+def test_others_as_background_boxes(tmp_path, single_thread):
+    from sparsedet.models import build_model
+
+    rows = "10,10,20,20,1,4,0,0\n50,40,30,30,1,11,0,0\n"
+    folder = _visdrone_folder(tmp_path, {"0001": rows})
+    assert read_visdrone(folder / "images", folder / "annotations").records[0].labels.tolist() == [3]
+    kept = read_visdrone(folder / "images", folder / "annotations", others="background").records[0]
+    assert kept.labels.tolist() == [3, 10] and kept.boxes[1].tolist() == [50, 40, 80, 70]
+    with pytest.raises(ValueError, match="VisDrone others: expected one of drop, background"):
+        read_visdrone(folder / "images", folder / "annotations", others="class")
+    # A dense detector trains an "others" box as background: no anchor gets a class, no box loss.
+    model = build_model({"model": {"name": "retinanet", "num_classes": 10, "backbone": {"depth": 18, "weights": None},
+                                   "fpn": {"channels": 16}, "head": {"num_convs": 1}}})
+    image = [torch.rand(3, 96, 128) * 255]
+    only_others = [{"boxes": torch.tensor([[40.0, 30.0, 104.0, 94.0]]), "labels": torch.tensor([10])}]
+    losses = model(image, only_others)
+    assert losses["loss_box_reg"] == 0 and torch.isfinite(losses["loss_cls"])
+    # Sparse R-CNN has no background boxes: a label 10 is refused, naming the field.
+    sparse = build_model({"model": {"name": "sparse_rcnn", "num_classes": 10, "num_proposals": 4, "num_stages": 1,
+                                    "hidden_dim": 32, "dim_feedforward": 32, "dim_dynamic": 8, "num_heads": 2,
+                                    "backbone": {"depth": 18, "weights": None}, "fpn": {"channels": 32}}})
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\]\[0\] = 10 is outside \[0, 10\)"):
+        sparse(image, only_others)

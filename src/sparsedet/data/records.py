@@ -187,6 +187,8 @@ class DetectionDataset:
             for boxes, labels, crowd in ((record.boxes, record.labels, 0),
                                          (record.ignore_boxes, record.ignore_labels, 1)):
                 for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+                    if label >= len(self.category_ids):  # a background box (VisDrone "others"): no category
+                        continue
                     w, h = x2 - x1, y2 - y1
                     annotations.append({"id": len(annotations) + 1, "image_id": record.image_id,
                                         "category_id": self.category_ids[label], "bbox": [x1, y1, w, h],

@@ -37,6 +37,7 @@ Section formats (YAML)::
       images: VisDrone2019-DET-train/images
       annotations: VisDrone2019-DET-train/annotations
       split_quadrants: true                         # the official 4-quadrant training split (default false)
+      others: background                            # class 11: background boxes (dense detectors) | drop (default)
 
 Every format also takes ``check_images: none | header | full`` (default ``header``): "none" trusts
 the annotations, "header" opens each image header (missing/unreadable files skipped, sizes and
@@ -64,7 +65,7 @@ _KEYS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "voc": (("images", "annotations"), {"split": None, "classes": None, "keep_difficult": False}),
     "yolo": (("images", "labels", "classes"), {}),
     "crowdhuman": (("annotations", "images"), {"box_kind": "full"}),
-    "visdrone": (("images", "annotations"), {"split_quadrants": False}),
+    "visdrone": (("images", "annotations"), {"split_quadrants": False, "others": "drop"}),
 }
 
 
@@ -124,7 +125,8 @@ def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> D
         if not isinstance(options["split_quadrants"], bool):
             raise ValueError(f"{name}.split_quadrants: expected true or false, got {options['split_quadrants']!r}")
         return read_visdrone(path("images", "dir"), path("annotations", "dir"),
-                             split_quadrants=options["split_quadrants"], check_images=check)
+                             split_quadrants=options["split_quadrants"], others=options["others"],
+                             check_images=check)
     if fmt == "voc":
         split = _resolve(options["split"], root, f"{name}.split", "file") if options["split"] is not None else None
         classes = options["classes"]

@@ -8,10 +8,12 @@ Categories: 0 "ignored regions", 1..10 the classes below, 11 "others". How each 
 (spec querydet.md §4.3, the official QueryDet preparation):
 
 * 1..10 with score 1: training targets, labels 0..9 (category id = label + 1).
-* 0 (ignored regions), score-0 boxes and 11 (others): not training targets. The official code
-  trains "others" as background; here they are simply left out of the targets, which makes
-  the anchors on them background too (it differs only for anchors whose best match would have
-  been an "others" box, and the QueryDet query targets do not see them).
+* 0 (ignored regions) and score-0 boxes: not training targets.
+* 11 (others), option ``others``: ``background`` (the official QueryDet code, set by the VisDrone
+  configs) keeps them as targets with label 10 = ``num_classes``, which the dense detectors
+  (RetinaNet, QueryDet) train as background (anchors matched to them: all-zero class target, no
+  box loss) and the QueryDet query targets count; ``drop`` (the default, for every other model)
+  leaves them out.
 * The evaluation (``evaluation/visdrone.py``) reads the file's rows as they are, kept in each
   record's ``extra``: class-0 regions swallow what lies in them, score-0 boxes are ignore ground
   truth, class 11 is not evaluated.
@@ -35,6 +37,7 @@ from .validation import check_mode, clean_boxes, inspect_images, resolve_image_s
 
 CLASS_NAMES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle", "awning-tricycle", "bus", "motor")
 IGNORED_REGION, OTHERS = 0, 11
+OTHERS_MODES = ("drop", "background")
 MISSING_ANNOTATION = "image skipped: missing annotation file"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".PNG")
 
@@ -105,7 +108,7 @@ def _image_path(images_dir: Path, stem: str) -> Path:
 
 
 def read_visdrone(images_dir: str | Path, annotations_dir: str | Path, split_quadrants: bool = False,
-                  check_images: str = "header") -> DetectionDataset:
+                  others: str = "drop", check_images: str = "header") -> DetectionDataset:
     """Reads a VisDrone-DET folder pair (format in the module docstring).
 
     Args:
@@ -113,6 +116,7 @@ def read_visdrone(images_dir: str | Path, annotations_dir: str | Path, split_qua
         annotations_dir: one ``<name>.txt`` per image (``.../annotations``).
         split_quadrants: cut each image into its four training parts (training sets only: the
             VisDrone evaluation needs whole images).
+        others: ``drop`` (default) or ``background`` (label 10, for the dense detectors), see above.
         check_images: "header" or "full" (the txt files give no image size, so "none" is refused).
 
     Returns:
@@ -121,8 +125,11 @@ def read_visdrone(images_dir: str | Path, annotations_dir: str | Path, split_qua
 
     Raises:
         FileNotFoundError: a folder is missing.
-        ValueError: a malformed line (names the file and line), ``check_images="none"``.
+        ValueError: a malformed line (names the file and line), ``check_images="none"``, an
+            unknown ``others``.
     """
+    if others not in OTHERS_MODES:
+        raise ValueError(f"VisDrone others: expected one of {', '.join(OTHERS_MODES)}, got {others!r}")
     images_dir, annotations_dir = Path(images_dir), Path(annotations_dir)
     for folder in (images_dir, annotations_dir):
         if not folder.is_dir():
@@ -151,7 +158,8 @@ def read_visdrone(images_dir: str | Path, annotations_dir: str | Path, split_qua
         xyxy = torch.tensor(table[:, :4], dtype=torch.float32).reshape(-1, 4)
         xyxy[:, 2:] += xyxy[:, :2]
         category, score = table[:, 5].astype(np.int64), table[:, 4]
-        target = torch.from_numpy((category >= 1) & (category <= 10) & (score != 0))
+        wanted = (category >= 1) & (category <= (OTHERS if others == "background" else 10))
+        target = torch.from_numpy(wanted & (score != 0))
         for j in np.nonzero(category == IGNORED_REGION)[0].tolist():
             report.add(R.VISDRONE_IGNORE_REGION, f"{txt}:{j + 1}")
         for j in np.nonzero(category == OTHERS)[0].tolist():
