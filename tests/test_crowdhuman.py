@@ -106,7 +106,8 @@ def test_odgt_reader_every_field_case(tmp_path):
             entry("person", [10, 10, 20, 30], extra={"ignore": 0}),             # person
             entry("mask", [50, 10, 30, 30], extra={"ignore": 1}),               # crowd: ignore
             entry("person", [40, 40, 10, 10], extra={"ignore": 1}),             # flagged: ignore
-            entry("person", [-10, 50, 30, 50], extra={}, head_attr={"ignore": 1}),  # clipped, head ignored
+            entry("person", [-10, 50, 30, 50], extra={}, head_attr={"ignore": 1}),  # clipped, head outside
+            entry("person", [60, 50, 20, 20], extra={"ignore": 0}, head_attr={"ignore": 1}),  # head ignored only
         ]},
         "",
         {"ID": "two", "width": 50, "height": 50, "gtboxes": []},
@@ -115,8 +116,8 @@ def test_odgt_reader_every_field_case(tmp_path):
     assert data.protocol == "crowdhuman" and data.class_names == ["person"] and data.category_ids == [1]
     one, two = data.records
     assert one.image_path.name == "one.jpg" and (one.height, one.width) == (80, 100)
-    assert one.boxes.tolist() == [[10, 10, 30, 40], [0, 50, 20, 80]]
-    assert one.labels.tolist() == [0, 0]
+    assert one.boxes.tolist() == [[10, 10, 30, 40], [0, 50, 20, 80], [60, 50, 80, 70]]
+    assert one.labels.tolist() == [0, 0, 0]
     assert one.ignore_boxes.tolist() == [[50, 10, 80, 40], [40, 40, 50, 50]]
     assert len(two.boxes) == 0 and len(two.ignore_boxes) == 0
     assert data.report["box clipped"] == 1
@@ -124,8 +125,9 @@ def test_odgt_reader_every_field_case(tmp_path):
     assert visible.records[0].boxes[0].tolist() == [11, 11, 16, 16]
     heads = read_crowdhuman(tmp_path / "a.odgt", tmp_path / "images", box_kind="hbox", check_images="none")
     assert heads.records[0].boxes.tolist() == [[10, 10, 14, 14]]
-    # mask and flagged heads are ignore regions; the fourth head lies outside the image: dropped.
-    assert len(heads.records[0].ignore_boxes) == 2 and heads.report["box dropped: outside the image"] == 1
+    # mask, flagged and head_attr-flagged heads are ignore regions; the fourth lies outside: dropped.
+    assert heads.records[0].ignore_boxes.tolist()[-1] == [60, 50, 64, 54]
+    assert len(heads.records[0].ignore_boxes) == 3 and heads.report["box dropped: outside the image"] == 1
     # Through the config dispatcher, with the same keys a config would give.
     section = {"format": "crowdhuman", "annotations": "a.odgt", "images": "images", "check_images": "none",
                "box_kind": "full"}

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..data import DetectionDataset, InferenceSampler, TransformedDataset, build_transforms, collate
 from ..evaluation import METRICS, EvaluationResult, evaluate_crowdhuman, evaluate_detections, evaluate_visdrone
 from ..evaluation.crowdhuman import crowdhuman_images
-from ..evaluation.visdrone import visdrone_images
+from ..evaluation.visdrone import CLASS_WEIGHTINGS, visdrone_images
 from .distributed import all_gather_objects, is_distributed
 
 log = logging.getLogger("sparsedet.eval")
@@ -65,6 +65,10 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, config: Mapping,
     test_cfg = config.get("test") or {}
     data_cfg = config.get("data") or {}
     metric = resolve_metric(test_cfg.get("metric", "auto"), dataset)
+    weighting = test_cfg.get("visdrone_class_weighting", "image_frequency")
+    if metric == "visdrone" and weighting not in CLASS_WEIGHTINGS:  # checked before the model runs
+        raise ValueError(f"test.visdrone_class_weighting: expected one of {', '.join(CLASS_WEIGHTINGS)}, "
+                         f"got {weighting!r}")
     predictions = predict_dataset(model, dataset, config.get("input") or {},
                                   batch_size=int(test_cfg.get("images_per_batch", 1)),
                                   num_workers=int(data_cfg.get("num_workers", 0)), progress=progress)
