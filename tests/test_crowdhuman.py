@@ -151,6 +151,9 @@ def test_unknown_box_kind_is_a_clear_error(tmp_path):
     (tmp_path / "a.odgt").write_text('{"ID": "ok", "width": 10, "height": 10, "gtboxes": []}\n')
     with pytest.raises(ValueError, match="box_kind: expected one of full, visible, head"):
         read_crowdhuman(tmp_path / "a.odgt", tmp_path, box_kind="body", check_images="none")
+    with pytest.raises(ValueError, match="data.val.box_kind: expected one of full, visible, head"):
+        read_dataset({"format": "crowdhuman", "annotations": "a.odgt", "images": ".", "box_kind": "body"},
+                     tmp_path, "data.val")
     with pytest.raises(ValueError, match="data.val.colour: unknown key"):
         read_dataset({"format": "crowdhuman", "annotations": "a.odgt", "images": ".", "colour": 1}, tmp_path, "data.val")
 

@@ -182,6 +182,9 @@ def test_others_as_background_boxes(tmp_path, single_thread):
     assert kept.labels.tolist() == [3, 10] and kept.boxes[1].tolist() == [50, 40, 80, 70]
     with pytest.raises(ValueError, match="VisDrone others: expected one of drop, background"):
         read_visdrone(folder / "images", folder / "annotations", others="class")
+    with pytest.raises(ValueError, match="data.train.others: expected one of drop, background, got 'class'"):
+        read_dataset({"format": "visdrone", "images": "images", "annotations": "annotations", "others": "class"},
+                     folder, "data.train")
     # A dense detector trains an "others" box as background: no anchor gets a class, no box loss.
     model = build_model({"model": {"name": "retinanet", "num_classes": 10, "backbone": {"depth": 18, "weights": None},
                                    "fpn": {"channels": 16}, "head": {"num_convs": 1}}})

@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .coco import read_coco
-from .crowdhuman import read_crowdhuman
+from .crowdhuman import BOX_KINDS, read_crowdhuman
 from .records import DetectionDataset
 from .validation import CHECK_MODES
-from .visdrone import read_visdrone
+from .visdrone import OTHERS_MODES, read_visdrone
 from .voc import read_voc
 from .yolo import load_class_names, read_yolo
 
@@ -119,11 +119,16 @@ def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> D
     if fmt == "coco":
         return read_coco(path("annotations", "file"), path("images", "dir"), check_images=check)
     if fmt == "crowdhuman":
+        if options["box_kind"] not in (*BOX_KINDS, *BOX_KINDS.values()):
+            raise ValueError(f"{name}.box_kind: expected one of {', '.join(BOX_KINDS)} "
+                             f"(or {', '.join(BOX_KINDS.values())}), got {options['box_kind']!r}")
         return read_crowdhuman(path("annotations", "file"), path("images", "dir"), box_kind=options["box_kind"],
                                check_images=check)
     if fmt == "visdrone":
         if not isinstance(options["split_quadrants"], bool):
             raise ValueError(f"{name}.split_quadrants: expected true or false, got {options['split_quadrants']!r}")
+        if options["others"] not in OTHERS_MODES:
+            raise ValueError(f"{name}.others: expected one of {', '.join(OTHERS_MODES)}, got {options['others']!r}")
         return read_visdrone(path("images", "dir"), path("annotations", "dir"),
                              split_quadrants=options["split_quadrants"], others=options["others"],
                              check_images=check)
