@@ -55,7 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.stopped_early:
             print(f"stopped at iteration {trainer.iteration}: continue with --resume")
         elif result is not None:
-            print(f"final AP {100 * result.stats['AP']:.1f} (AP50 {100 * result.stats['AP50']:.1f})")
+            others = ", ".join(f"{n} {100 * result.stats[n]:.1f}" for n in result.rows[0][1:3])  # AP50, AP75 / mMR, Recall
+            print(f"final AP {100 * result.stats['AP']:.1f} ({others})")
     return 130 if trainer.stopped_early else 0  # stopped by Ctrl-C: 128 + SIGINT, as shells expect
 
 
@@ -97,7 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(model, dataset, model.config, results_path=output / "results.json")
     print(result.table())
     (output / "metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
-    print(f"wrote {output / 'results.json'} and {output / 'metrics.json'}")
+    print(f"wrote {result.results_path or output / 'results.json'} and {output / 'metrics.json'}")
     return 0
 
 

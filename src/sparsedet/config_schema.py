@@ -125,6 +125,11 @@ CROP = {
 
 TEST = {
     "images_per_batch": Key("int", 1, "images per evaluation batch (per process)", check=_positive, expect=">= 1"),
+    "metric": Key("str", "auto", "auto (the data set's own protocol), coco, crowdhuman or visdrone",
+                  choices=("auto", "coco", "crowdhuman", "visdrone")),
+    "visdrone_class_weighting": Key("str", "image_frequency", "VisDrone AP averaging over classes",
+                                    choices=("image_frequency", "uniform")),
+    "visdrone_max_dets": Key("int", 500, "VisDrone detections kept per image", check=_positive, expect=">= 1"),
 }
 
 DATA = {
@@ -145,6 +150,8 @@ DATASET_FORMATS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "coco": (("annotations", "images"), {}),
     "voc": (("images", "annotations"), {"split": None, "classes": None, "keep_difficult": False}),
     "yolo": (("images", "labels", "classes"), {}),
+    "crowdhuman": (("annotations", "images"), {"box_kind": "full"}),
+    "visdrone": (("images", "annotations"), {"split_quadrants": False, "others": "drop"}),
 }
 CHECK_IMAGES = ("none", "header", "full")
 

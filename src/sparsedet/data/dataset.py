@@ -66,6 +66,9 @@ class TransformedDataset(torch.utils.data.Dataset):
             self.load_failures += 1
             logger.warning("skipping unreadable image (using the next one instead): %s", err)
             return None
+        if record.crop is not None:  # a part of the file (VisDrone training quadrants)
+            x0, y0, x1, y1 = record.crop
+            image = image[..., y0:y1, x0:x1]
         if tuple(image.shape[-2:]) != (record.height, record.width):
             self.load_failures += 1
             logger.warning("skipping %s (using the next one instead): decoded size %dx%d differs from the "

@@ -34,9 +34,14 @@ UNDECODABLE = "image skipped: cannot decode"
 SIZE_MISMATCH = "image skipped: size differs from the annotation"
 NO_LABEL_FILE = "label file missing (image kept without boxes)"
 ORPHAN_LABEL = "label file without image (ignored)"
+CROWDHUMAN_IGNORE = "ignore region (CrowdHuman tag not person, or extra.ignore set)"
+VISDRONE_IGNORE_REGION = "ignored region (VisDrone class 0)"
+VISDRONE_OTHERS = "'others' box (VisDrone class 11: background in training, not evaluated)"
+VISDRONE_QUADRANT_TRUNCATED = "box truncated at a quadrant split line"
 
 # Reasons that are expected in clean data: logged at INFO instead of WARNING.
-_INFO_REASONS = frozenset({CROWD, DIFFICULT, EMPTY_IMAGE, BOX_CLIPPED, NO_LABEL_FILE})
+_INFO_REASONS = frozenset({CROWD, DIFFICULT, EMPTY_IMAGE, BOX_CLIPPED, NO_LABEL_FILE, CROWDHUMAN_IGNORE,
+                           VISDRONE_IGNORE_REGION, VISDRONE_OTHERS, VISDRONE_QUADRANT_TRUNCATED})
 
 
 @dataclass
@@ -98,6 +103,11 @@ class DetectionRecord:
         ignore_boxes: (K, 4) float32 xyxy regions that are not training targets but must not be
             counted as false positives in evaluation (COCO crowd boxes, VOC ``difficult`` objects).
         ignore_labels: (K,) int64 their classes.
+        crop: (x0, y0, x1, y1) integer pixels when the record is a part of the image file (the
+            VisDrone training quadrants); ``height``/``width`` and the boxes are then those of the
+            part. None: the whole file.
+        extra: format-specific ground truth the evaluator of that format needs (VisDrone: the
+            file's raw rows), None otherwise.
     """
 
     image_path: Path
@@ -108,6 +118,12 @@ class DetectionRecord:
     labels: torch.Tensor = field(default_factory=_empty_labels)
     ignore_boxes: torch.Tensor = field(default_factory=_empty_boxes)
     ignore_labels: torch.Tensor = field(default_factory=_empty_labels)
+    crop: Optional[tuple[int, int, int, int]] = None
+    extra: Optional[object] = field(default=None, repr=False)
+
+
+# The evaluation protocol of each format (``engine/evaluate.py`` dispatches on it).
+PROTOCOLS = ("coco", "crowdhuman", "visdrone")
 
 
 @dataclass
@@ -122,6 +138,8 @@ class DetectionDataset:
         source: a short description of where it came from (for logs).
         report: what the reader fixed or skipped.
         json_path: the COCO json this was read from (None for VOC/YOLO).
+        protocol: the data set's own evaluation, one of ``PROTOCOLS``: ``coco`` (COCO, VOC, YOLO),
+            ``crowdhuman`` (AP, mMR, recall, JI) or ``visdrone`` (the VisDrone-DET toolkit).
     """
 
     records: list[DetectionRecord]
@@ -130,6 +148,7 @@ class DetectionDataset:
     source: str
     report: LoadReport = field(default_factory=LoadReport)
     json_path: Optional[Path] = None
+    protocol: str = "coco"
     # COCO input keeps the json's own entries (its "area" drives COCO's small/medium/large
     # ranges); VOC/YOLO ground truth is built from the records.
     _coco_ground_truth: Optional[dict] = field(default=None, repr=False)
@@ -168,6 +187,8 @@ class DetectionDataset:
             for boxes, labels, crowd in ((record.boxes, record.labels, 0),
                                          (record.ignore_boxes, record.ignore_labels, 1)):
                 for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+                    if label >= len(self.category_ids):  # a background box (VisDrone "others"): no category
+                        continue
                     w, h = x2 - x1, y2 - y1
                     annotations.append({"id": len(annotations) + 1, "image_id": record.image_id,
                                         "category_id": self.category_ids[label], "bbox": [x1, y1, w, h],
@@ -185,4 +206,4 @@ class DetectionDataset:
             gt = dict(gt, images=[i for i in gt["images"] if i["id"] in ids],
                       annotations=[a for a in gt["annotations"] if a["image_id"] in ids])
         return DetectionDataset(kept, self.class_names, self.category_ids, self.source, self.report,
-                                self.json_path, gt)
+                                self.json_path, self.protocol, gt)

@@ -24,6 +24,21 @@ Section formats (YAML)::
       labels: labels/train
       classes: data.yaml                            # list, names file, or data.yaml with `names`
 
+    # CrowdHuman .odgt (one JSON per line); scored with the CrowdHuman metrics (AP, mMR, recall, JI)
+    val:
+      format: crowdhuman
+      annotations: CrowdHuman/annotation_val.odgt
+      images: CrowdHuman/Images
+      box_kind: full                                # full (fbox, default) | visible (vbox) | head (hbox)
+
+    # VisDrone-DET txt (x,y,w,h,score,category,truncation,occlusion); scored with its toolkit's metrics
+    train:
+      format: visdrone
+      images: VisDrone2019-DET-train/images
+      annotations: VisDrone2019-DET-train/annotations
+      split_quadrants: true                         # the official 4-quadrant training split (default false)
+      others: background                            # class 11: background boxes (dense detectors) | drop (default)
+
 Every format also takes ``check_images: none | header | full`` (default ``header``): "none" trusts
 the annotations, "header" opens each image header (missing/unreadable files skipped, sizes and
 EXIF orientation checked, a JPEG/PNG without its end marker decoded to find truncated files),
@@ -40,8 +55,10 @@ from typing import Any, Mapping, Optional, Union
 
 from ..config_schema import DATASET_FORMATS
 from .coco import read_coco
+from .crowdhuman import BOX_KINDS, read_crowdhuman
 from .records import DetectionDataset
 from .validation import CHECK_MODES
+from .visdrone import OTHERS_MODES, read_visdrone
 from .voc import read_voc
 from .yolo import load_class_names, read_yolo
 
@@ -98,6 +115,20 @@ def read_dataset(section: Mapping, root: Union[str, Path, None], name: str) -> D
 
     if fmt == "coco":
         return read_coco(path("annotations", "file"), path("images", "dir"), check_images=check)
+    if fmt == "crowdhuman":
+        if options["box_kind"] not in (*BOX_KINDS, *BOX_KINDS.values()):
+            raise ValueError(f"{name}.box_kind: expected one of {', '.join(BOX_KINDS)} "
+                             f"(or {', '.join(BOX_KINDS.values())}), got {options['box_kind']!r}")
+        return read_crowdhuman(path("annotations", "file"), path("images", "dir"), box_kind=options["box_kind"],
+                               check_images=check)
+    if fmt == "visdrone":
+        if not isinstance(options["split_quadrants"], bool):
+            raise ValueError(f"{name}.split_quadrants: expected true or false, got {options['split_quadrants']!r}")
+        if options["others"] not in OTHERS_MODES:
+            raise ValueError(f"{name}.others: expected one of {', '.join(OTHERS_MODES)}, got {options['others']!r}")
+        return read_visdrone(path("images", "dir"), path("annotations", "dir"),
+                             split_quadrants=options["split_quadrants"], others=options["others"],
+                             check_images=check)
     if fmt == "voc":
         split = _resolve(options["split"], root, f"{name}.split", "file") if options["split"] is not None else None
         classes = options["classes"]

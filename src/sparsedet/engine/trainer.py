@@ -404,7 +404,8 @@ class Trainer:
         return all_reduce_mean(summed, self.ctx.device), True
 
     def evaluate(self) -> Optional[EvaluationResult]:
-        """COCO AP on ``data.val``; keeps ``best.pth``. Collective: call on every process."""
+        """Scores ``data.val`` with its own metrics (COCO, CrowdHuman or VisDrone: ``test.metric``);
+        keeps ``best.pth`` by AP. Collective: call on every process."""
         if self.val_set is None:
             return None
         warmup_iters = int(self.solver.get("warmup_iters") or 0)

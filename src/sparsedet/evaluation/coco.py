@@ -36,12 +36,19 @@ class EvaluationResult:
             without ground truth in the evaluated images.
         num_images: images evaluated.
         num_detections: detections on the evaluated images.
+        protocol: which evaluation made it: ``coco``, ``crowdhuman`` or ``visdrone`` (the other
+            protocols fill ``stats`` with their own names; every protocol has an "AP").
+        rows: the stat names of each row of the printed table (default: COCO's AP and AR rows).
+        results_path: the detections file (or folder) written with the result, if any.
     """
 
     stats: dict[str, float]
     per_class: dict[str, float] = field(default_factory=dict)
     num_images: int = 0
     num_detections: int = 0
+    protocol: str = "coco"
+    rows: tuple[tuple[str, ...], ...] = (STAT_NAMES[:6], STAT_NAMES[6:])
+    results_path: Optional[str] = None
 
     def table(self, per_class: bool = True) -> str:
         """The metrics in percent with one decimal, as markdown pipe tables (readable in a log too).
@@ -49,12 +56,10 @@ class EvaluationResult:
         A one-line heading, the AP row and the AR row, then (``per_class``) AP per class in three
         column pairs. ``-`` marks a -1 stat or a NaN class AP (nothing to measure).
         """
-        ap_names, ar_names = STAT_NAMES[:6], STAT_NAMES[6:]
-        parts = [
-            f"COCO box metrics (%) on {self.num_images} images, {self.num_detections} detections",
-            markdown_table(ap_names, [[_percent(self.stats[n]) for n in ap_names]]),
-            markdown_table(ar_names, [[_percent(self.stats[n]) for n in ar_names]]),
-        ]
+        title = {"coco": "COCO box metrics", "crowdhuman": "CrowdHuman metrics (official evaluation)",
+                 "visdrone": "VisDrone-DET toolkit metrics"}.get(self.protocol, f"{self.protocol} metrics")
+        parts = [f"{title} (%) on {self.num_images} images, {self.num_detections} detections"]
+        parts += [markdown_table(names, [[_percent(self.stats[n]) for n in names]]) for names in self.rows]
         if per_class and self.per_class:
             pairs = [(name, _percent(ap)) for name, ap in self.per_class.items()]
             columns = min(3, len(pairs))
@@ -67,7 +72,8 @@ class EvaluationResult:
                     index = c * rows_needed + r
                     row += pairs[index] if index < len(pairs) else ("", "")
                 rows.append(row)
-            parts += ["", "AP@[.5:.95] per class (%)", markdown_table(["class", "AP"] * columns, rows)]
+            heading = "AP@[.5] per class (%)" if self.protocol == "crowdhuman" else "AP@[.5:.95] per class (%)"
+            parts += ["", heading, markdown_table(["class", "AP"] * columns, rows)]
         return "\n".join(parts)
 
     def to_dict(self) -> dict:
@@ -77,6 +83,7 @@ class EvaluationResult:
             "per_class": {name: (None if math.isnan(ap) else float(ap)) for name, ap in self.per_class.items()},
             "num_images": int(self.num_images),
             "num_detections": int(self.num_detections),
+            "protocol": self.protocol,
         }
 
 

@@ -78,7 +78,8 @@ def preprocess_inputs(model: nn.Module, images: Sequence[Tensor], targets: Optio
     """
     batch, image_sizes = model.preprocess(images)
     if model.training:
-        check_targets(targets, len(images), model.num_classes, image_sizes)
+        check_targets(targets, len(images), model.num_classes, image_sizes,
+                      background_boxes=getattr(model, "accepts_background_boxes", False))
     elif original_sizes is not None and len(original_sizes) != len(image_sizes):
         raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images")
     return batch, image_sizes
@@ -103,11 +104,14 @@ def check_images(images) -> None:
             raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
 
 
-def check_targets(targets, num_images: int, num_classes: int, image_sizes: Sequence[tuple[int, int]]) -> None:
+def check_targets(targets, num_images: int, num_classes: int, image_sizes: Sequence[tuple[int, int]],
+                  background_boxes: bool = False) -> None:
     """Raises ``ValueError`` naming the image and field for malformed training targets.
 
     Each target needs ``boxes`` (M, 4) finite xyxy with x2 > x1 and y2 > y1, and ``labels`` (M,)
-    integers in ``[0, num_classes)``. M may be 0.
+    integers in ``[0, num_classes)``, or ``[0, num_classes]`` with ``background_boxes`` (models
+    whose label ``num_classes`` marks a box that is trained as background, e.g. VisDrone "others"
+    for the dense detectors). M may be 0.
     """
     if targets is None:
         raise ValueError("training needs targets: model(images, targets) with one dict per image")
@@ -132,8 +136,9 @@ def check_targets(targets, num_images: int, num_classes: int, image_sizes: Seque
             bad = degenerate.nonzero()[0].item()
             raise ValueError(f"targets[{i}]['boxes'][{bad}] = {boxes[bad].tolist()} is degenerate "
                              "(needs x2 > x1 and y2 > y1, xyxy pixel format)")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            bad = ((labels < 0) | (labels >= num_classes)).nonzero()[0].item()
+        limit = num_classes + 1 if background_boxes else num_classes
+        if labels.numel() and (labels.min() < 0 or labels.max() >= limit):
+            bad = ((labels < 0) | (labels >= limit)).nonzero()[0].item()
             raise ValueError(f"targets[{i}]['labels'][{bad}] = {labels[bad].item()} is outside "
                              f"[0, {num_classes}) (num_classes={num_classes}; labels are contiguous 0-based)")
 

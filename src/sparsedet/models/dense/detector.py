@@ -31,7 +31,7 @@ class DenseDetector(nn.Module):
     xyxy, "scores" (K,), "labels" (K,)}`` in the input tensor's pixels, or in ``original_sizes``.
 
     Images are RGB ``(3, H, W)`` tensors in 0-255; targets hold ``boxes`` (M, 4) xyxy pixels and
-    ``labels`` (M,) in ``[0, num_classes)``.
+    ``labels`` (M,) in ``[0, num_classes)``, or ``num_classes`` for a box trained as background.
 
     Attributes used by subclasses and by Cascade Sparse Query:
         levels: detection levels, e.g. (3, 4, 5, 6, 7).
@@ -40,6 +40,11 @@ class DenseDetector(nn.Module):
             ``anchors_at(level, ys, xs)``).
         box_coder: ``BoxCoder`` used to encode targets and decode predictions.
     """
+
+    # A target label equal to num_classes is a box trained as background (VisDrone "others" in the
+    # official QueryDet/RetinaNet code): anchors matched to it get an all-zero class target and no
+    # box loss, and the QueryDet query targets still count it.
+    accepts_background_boxes = True
 
     def __init__(self, cfg):
         super().__init__()
