@@ -71,12 +71,16 @@ class ActiveSet:
         child_rows: (n,) int64 rows (into ``indices``) of the sites whose outputs are wanted, in the
             order they were given (the children of the queries); empty when none were given.
         shape: (B, H, W) of the level's map.
+        radius: when known, every active site lies within this Chebyshev distance of a child inside
+            a fully active window (``build_active_set``: context // 2); lets :func:`needed_rows`
+            stop early. None for arbitrary masks.
     """
 
     indices: Tensor
     neighbors: Tensor
     child_rows: Tensor
     shape: tuple[int, int, int]
+    radius: Optional[int] = None
 
     @property
     def num_active(self) -> int:
@@ -99,7 +103,13 @@ class ActiveSet:
         active sites (their rows become ``child_rows``)."""
         if mask.dim() != 3 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-        return _from_linear(mask.flatten().nonzero().squeeze(1), tuple(mask.shape), children)
+        b, h, w = mask.shape
+        lut_shape = (b, h + 2, w + 2)
+        child_linear = None
+        if children is not None and children.numel():
+            _check_sites(children, "children")
+            child_linear = _padded_linear(children, lut_shape, 1)
+        return _from_indices(mask.nonzero(), (b, h, w), child_linear, 1, validate=True)
 
 
 def query_children(parents: Tensor, shape: Sequence[int], parent_shape: Optional[Sequence[int]] = None) -> Tensor:
@@ -119,10 +129,9 @@ def query_children(parents: Tensor, shape: Sequence[int], parent_shape: Optional
     """
     _check_sites(parents, "parents")
     _, h, w = shape
-    offsets = torch.tensor([(0, i, j) for i, j in _CHILD_OFFSETS], dtype=torch.long, device=parents.device)
-    scale = torch.tensor([1, 2, 2], dtype=torch.long, device=parents.device)
-    children = (parents * scale).unsqueeze(0) + offsets.unsqueeze(1)          # (4, n, 3)
-    children = children.reshape(-1, 3)
+    scale = _constant("child_scale", parents.device, lambda: [1, 2, 2])
+    offsets = _constant("child_offsets", parents.device, lambda: [[[0, i, j]] for i, j in _CHILD_OFFSETS])
+    children = ((parents * scale).unsqueeze(0) + offsets).reshape(-1, 3)      # (4, n, 3) -> (4n, 3)
     if parent_shape is not None and 2 * parent_shape[-2] <= h and 2 * parent_shape[-1] <= w:
         return children
     inside = (children[:, 1] < h) & (children[:, 2] < w)
@@ -142,56 +151,77 @@ def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5, v
     Returns:
         An :class:`ActiveSet` whose ``child_rows[k]`` is the row of ``children[k]``.
 
-    De-duplication scatters the window sites' linear indices b*H*W + y*W + x into a boolean map and
-    reads it back with ``nonzero``: O(n * context^2 + B*H*W) with small constants, no sort, and the
-    result comes out row-major sorted (which keeps gathers from the feature map cache-friendly).
+    De-duplication scatters the window sites into a boolean map padded by the window radius (so
+    that no window needs clipping) and reads the map's interior back with ``nonzero``:
+    O(n * context^2 + B*H*W) with small constants, no sort, one device synchronisation, and the result
+    comes out row-major sorted (which keeps gathers from the feature map cache-friendly). Index
+    constants (window offsets, strides, taps) are built once per device and map width.
     """
     _check_sites(children, "children")
     if context < 1 or context % 2 == 0:
         raise ValueError(f"context must be an odd window side >= 1, got {context}")
     b, h, w = (int(s) for s in shape)
-    device = children.device
+    if validate and children.numel() and not bool(
+            ((children >= 0).all(1) & (children[:, 0] < b) & (children[:, 1] < h) & (children[:, 2] < w)).all()):
+        raise ValueError(f"some children lie outside the (B, H, W) = {(b, h, w)} map")
     r = context // 2
-    d = torch.arange(-r, r + 1, device=device)
-    dy = d.repeat_interleave(context)                   # window offsets, row-major
-    dx = d.repeat(context)
-    ys = children[:, 1:2] + dy                          # (n, context^2)
-    xs = children[:, 2:3] + dx
-    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-    linear = (children[:, 0:1] * h + ys) * w + xs
-    # Window sites outside the map go to a dump slot at the end (a where, not a boolean-mask index,
-    # which would synchronise a GPU); the single nonzero below is the only synchronisation.
-    linear = torch.where(inside, linear, torch.full_like(linear, b * h * w))
-    hit = torch.zeros(b * h * w + 1, dtype=torch.bool, device=device)
-    hit[linear.reshape(-1)] = True
-    return _from_linear(hit[:-1].nonzero().squeeze(1), (b, h, w), children, validate)
+    pad = max(r, 1)   # the padded grid doubles as the neighbour lookup table, which needs 1
+    grid_shape = (b, h + 2 * pad, w + 2 * pad)
+    child_linear = _padded_linear(children, grid_shape, pad)
+    # Windows around in-map children never leave the padded grid: no bounds tests, one scatter.
+    window = _constant(("window", context, grid_shape[2]), children.device,
+                       lambda: [dy * grid_shape[2] + dx for dy in range(-r, r + 1) for dx in range(-r, r + 1)])
+    hit = torch.zeros(grid_shape, dtype=torch.bool, device=children.device)
+    hit.view(-1).index_fill_(0, (child_linear.unsqueeze(1) + window).view(-1), True)
+    # Read back the map's interior: (N, 3) (batch, y, x), row-major. The one synchronisation.
+    indices = hit[:, pad:pad + h, pad:pad + w].nonzero()
+    return _from_indices(indices, (b, h, w), child_linear, pad, validate=False, radius=r)
 
 
-def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor], validate: bool = True) -> ActiveSet:
-    """ActiveSet from sorted unique linear site indices b*H*W + y*W + x."""
+def _constant(key, device, make) -> Tensor:
+    """A small int64 constant, built once per device (saves a host-to-device copy per call)."""
+    full_key = (key, device)
+    value = _CONSTANTS.get(full_key)
+    if value is None:
+        if len(_CONSTANTS) > 512:      # many distinct map sizes: start over rather than grow
+            _CONSTANTS.clear()
+        value = _CONSTANTS[full_key] = torch.tensor(make(), dtype=torch.long, device=device)
+    return value
+
+
+_CONSTANTS: dict = {}
+
+
+def _padded_linear(sites: Tensor, grid_shape: tuple, pad: int) -> Tensor:
+    """(n, 3) (batch, y, x) -> (n,) linear index into a (B, H + 2 pad, W + 2 pad) padded grid."""
+    _, hp, wp = grid_shape
+    strides = _constant(("strides", hp, wp), sites.device, lambda: [hp * wp, wp, 1])
+    return (sites * strides).sum(1).add_(pad * wp + pad)
+
+
+def _from_indices(indices: Tensor, shape: tuple, child_linear: Optional[Tensor], pad: int,
+                  validate: bool = True, radius: Optional[int] = None) -> ActiveSet:
+    """ActiveSet from row-major sorted unique (N, 3) sites; ``child_linear``: the children's indices
+    into the (B, H + 2 pad, W + 2 pad) padded grid (or None)."""
     b, h, w = shape
-    device = linear.device
-    n = linear.numel()
-    bi = torch.div(linear, h * w, rounding_mode="floor")
-    rem = linear - bi * (h * w)
-    y = torch.div(rem, w, rounding_mode="floor")
-    x = rem - y * w
-    indices = torch.stack([bi, y, x], dim=1)
-    # Row lookup table padded by one site on every side and pre-filled with the sentinel n: a tap
-    # reading outside the map lands in the border and needs no bounds test.
-    hp, wp = h + 2, w + 2
-    lut = torch.full((b * hp * wp,), n, dtype=torch.long, device=device)
-    base = (bi * hp + y + 1) * wp + x + 1
-    lut[base] = torch.arange(n, device=device)
-    taps = torch.tensor([dy * wp + dx for dy, dx in _TAPS], dtype=torch.long, device=device)
+    device = indices.device
+    n = indices.shape[0]
+    grid_shape = (b, h + 2 * pad, w + 2 * pad)
+    wp = grid_shape[2]
+    # Row lookup table on the padded grid, pre-filled with the sentinel n: a tap reading outside
+    # the map lands in the border and needs no bounds test.
+    base = _padded_linear(indices, grid_shape, pad)
+    lut = torch.full((grid_shape[0] * grid_shape[1] * wp,), n, dtype=torch.long, device=device)
+    lut.index_copy_(0, base, torch.arange(n, device=device))
+    taps = _constant(("taps", wp), device, lambda: [dy * wp + dx for dy, dx in _TAPS])
     neighbors = lut[base.unsqueeze(1) + taps]
-    if children is None or children.numel() == 0:
+    if child_linear is None or child_linear.numel() == 0:
         child_rows = torch.zeros(0, dtype=torch.long, device=device)
     else:
-        child_rows = lut[(children[:, 0] * hp + children[:, 1] + 1) * wp + children[:, 2] + 1]
+        child_rows = lut[child_linear]
         if validate and bool((child_rows == n).any()):
             raise ValueError("some children are not active sites (or lie outside the map)")
-    return ActiveSet(indices, neighbors, child_rows, (b, h, w))
+    return ActiveSet(indices, neighbors, child_rows, (b, h, w), radius)
 
 
 def _check_sites(sites: Tensor, name: str) -> None:
@@ -386,7 +416,14 @@ def needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Optio
     need = rows
     kernels = [_check_conv(p) for p in tower.predictors]
     k_next = max(kernels)
+    reach = 0      # Chebyshev distance from the children that the layers above read
     for layer in reversed(list(tower.subnet)):
+        reach += k_next // 2
+        if active.radius is not None and reach >= active.radius:
+            # Every active site is within `radius` of a child through a fully active window, so
+            # from here down every row is read (no need to compute it, nor to synchronise).
+            needed.extend([None] * (len(tower.subnet) - len(needed)))
+            break
         if k_next == 3:
             hit = torch.zeros(n + 1, dtype=torch.bool, device=rows.device)
             hit[active.neighbors.index_select(0, need).reshape(-1)] = True
