@@ -232,6 +232,91 @@ def build_tv_retinanet(size: tuple[int, int], device: torch.device):
 
 
 # --------------------------------------------------------------------------------------------
+# operator counts
+
+# Ops that only make a view or an allocation: they launch no kernel on a GPU.
+METADATA_OPS = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::permute", "aten::select",
+    "aten::slice", "aten::as_strided", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::t",
+    "aten::transpose", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::detach",
+    "aten::alias", "aten::lift_fresh", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::chunk",
+    "aten::narrow", "aten::flatten", "aten::view_as", "aten::expand_as", "aten::result_type", "aten::unflatten",
+    "aten::squeeze_", "aten::unsqueeze_", "aten::_has_compatible_shallow_copy_type", "aten::set_",
+}
+# Ops that make the host wait for the device (the result's size or value is read on the host).
+SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::unique", "aten::_unique2",
+            "aten::masked_select", "aten::nonzero_static", "aten::equal"}
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith(("aten::", "torchvision::"))
+
+
+def count_ops(fn) -> dict:
+    """Runs ``fn`` under torch.profiler (CPU) and counts the operators Python dispatched, i.e. the
+    outermost ATen / torchvision ops (an op's own sub-ops, like the CPU internals of ``index`` or
+    ``nms``, are not counted): per enclosing ``csq.*`` record_function range (the cascade's levels)
+    and in total. This is what a GPU run launches, about one kernel or a few per op.
+
+    Returns ``{range: {"ops": operators, "kernels": operators that are not views/allocations,
+    "syncs": operators that synchronise a GPU (nonzero, item, unique, ...)}}``; range "total"
+    covers the whole call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict = {}
+
+    def add(key, name):
+        entry = counts.setdefault(key, {"ops": 0, "kernels": 0, "syncs": 0})
+        entry["ops"] += 1
+        entry["kernels"] += name not in METADATA_OPS
+        entry["syncs"] += name in SYNC_OPS
+
+    for event in prof.events():
+        if not _is_op(event.name):
+            continue
+        parent, label = event.cpu_parent, None
+        while parent is not None and not _is_op(parent.name):
+            if label is None and parent.name.startswith("csq."):
+                label = parent.name
+            parent = parent.cpu_parent
+        if parent is not None:         # called by another op: part of that op
+            continue
+        add("total", event.name)
+        if label is not None:
+            add(label, event.name)
+    return counts
+
+
+def bench_count_ops(args, build_model, device) -> None:
+    """Operator counts of one CSQ inference: per cascade level and in the whole model."""
+    backbone, size = args.backbones[0], args.sizes[0]
+    pair = QueryDetPair(build_model, backbone, device, args.seed)
+    images = [random_image(size, args.seed + i).to(device) for i in range(args.batch)]
+    features, sizes = pair.features(images)
+    share = pair.calibrate(features, args.share)
+    pair.run(images, csq=True)                       # warm-up (weight layout caches)
+    stats = pair.model.last_csq.stats()
+    print(f"\n=== operators launched by one CSQ inference ({backbone}, {size[0]}x{size[1]}, batch {args.batch}, "
+          f"{100 * share:.2f} % of P2+P3 evaluated; torch.profiler, CPU) ===")
+    print("P{} {} queries; ".format(stats["start_level"], stats["start_queries"]) + ", ".join(
+        f"P{lvl}: {e['queries']} queries, {e['active']} active" for lvl, e in stats["levels"].items()))
+    parts = {"whole model (CSQ)": count_ops(lambda: pair.run(images, csq=True)),
+             "head + post-processing (CSQ)": count_ops(lambda: pair.head_and_post(features, sizes, csq=True)),
+             "whole model (dense-P2)": count_ops(lambda: pair.run(images, csq=False))}
+    print(f"{'range':<44} | {'operators':>9} | {'kernels':>8} | {'syncs':>5}")
+    print("-" * 75)
+    whole = parts["whole model (CSQ)"]
+    for key in sorted(k for k in whole if k.startswith("csq.")):
+        e = whole[key]
+        print(f"{'  ' + key:<44} | {e['ops']:9d} | {e['kernels']:8d} | {e['syncs']:5d}")
+    for name, counts in parts.items():
+        e = counts["total"]
+        print(f"{name:<44} | {e['ops']:9d} | {e['kernels']:8d} | {e['syncs']:5d}")
+
+
+# --------------------------------------------------------------------------------------------
 # 1 + 2: models
 
 
@@ -391,6 +476,9 @@ def main(argv=None) -> int:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of head + post-processing (cascade, dense upper levels, NMS)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of head + post-processing")
+    p.add_argument("--count-ops", action="store_true",
+                   help="only count the operators one CSQ inference launches (per cascade level and whole model; "
+                        "first backbone and size)")
     p.add_argument("--skip-models", action="store_true", help="skip sections 1-2")
     p.add_argument("--skip-sweep", action="store_true", help="skip section 3")
     p.add_argument("--skip-torchvision", action="store_true", help="no torchvision RetinaNet")
@@ -437,6 +525,9 @@ def main(argv=None) -> int:
         bench_checkpoint(args, device, clock)
     else:
         build_model = import_build_model()
+        if args.count_ops:
+            bench_count_ops(args, build_model, device)
+            args.skip_models = args.skip_sweep = True
         if not args.skip_models:
             print(f"\n=== 1-2. Latency (batch {args.batch}, {args.warmup} warm-up + median of {args.runs} runs) ===")
             ok = bench_models(args, build_model, device, clock)

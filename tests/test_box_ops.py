@@ -141,3 +141,27 @@ def test_box_coder_decodes_in_deltas_dtype(dtype):
     # broadcasting over leading dims
     out = coder.decode(torch.zeros(2, 3, 4), torch.tensor([0.0, 0.0, 10.0, 20.0]).expand(2, 3, 4))
     assert out.shape == (2, 3, 4)
+
+
+def test_class_aware_nms_equals_a_per_class_loop():
+    """One nms call on shifted boxes = NMS run class by class (negative coordinates included)."""
+    from torchvision.ops import batched_nms, nms
+
+    from sparsedet.layers.box_ops import class_aware_nms
+
+    g = torch.Generator().manual_seed(0)
+    for n, classes in ((300, 80), (2000, 5), (50, 1)):
+        xy = torch.rand(n, 2, generator=g) * 600 - 100            # some boxes start left of / above 0
+        wh = torch.rand(n, 2, generator=g) * 120 + 2
+        boxes = torch.cat([xy, xy + wh], 1)
+        scores = torch.rand(n, generator=g)
+        labels = torch.randint(0, classes, (n,), generator=g)
+        keep = []
+        for c in labels.unique():
+            idx = (labels == c).nonzero().squeeze(1)
+            keep += idx[nms(boxes[idx], scores[idx], 0.5)].tolist()
+        expected = torch.tensor(keep)[scores[keep].argsort(descending=True)]
+        got = class_aware_nms(boxes, scores, labels, 0.5)
+        assert torch.equal(got, expected)
+        assert torch.equal(got, batched_nms(boxes, scores, labels, 0.5))
+    assert class_aware_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).shape == (0,)

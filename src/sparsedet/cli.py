@@ -85,6 +85,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                          f"e.g. data.{args.split}.format=coco data.{args.split}.annotations=FILE "
                          f"data.{args.split}.images=DIR")
     dataset = read_dataset(data_cfg[args.split], data_cfg.get("root"), f"data.{args.split}")
+    if args.batch_size:
+        model.config.setdefault("test", {})["images_per_batch"] = args.batch_size
     if args.anchor_recall:
         from .engine.recall import anchor_recall
 
@@ -132,13 +134,50 @@ def expand_image_inputs(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _predict_in_batches(model, paths: Sequence[Path], batch_size: int, score_threshold: float):
+    """Yields ``(path, detections)`` for every path, ``batch_size`` images per forward pass. When a
+    batch fails, its images are retried one by one, so only the image that cannot be processed gets
+    its exception (yielded in place of the detections)."""
+    from tqdm import tqdm
+
+    import sparsedet
+
+    with tqdm(total=len(paths), desc="predict", dynamic_ncols=True) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            try:
+                outputs = sparsedet.predict(model, chunk, score_threshold=score_threshold, batch_size=batch_size)
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 - retried per image below
+                if len(chunk) == 1:
+                    outputs = [err]
+                else:
+                    outputs = []
+                    for path in chunk:
+                        try:
+                            outputs += sparsedet.predict(model, path, score_threshold=score_threshold)
+                        except (KeyboardInterrupt, SystemExit, MemoryError):
+                            raise
+                        except Exception as single_err:  # noqa: BLE001 - reported by the caller
+                            outputs.append(single_err)
+            yield from zip(chunk, outputs)
+            bar.update(len(chunk))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
     from collections import Counter
 
     from tqdm import tqdm
 
-    import sparsedet
     from .checkpoint import atomic_write_text
     from .data.sources import coco_image_ids
     from .outputs import next_free_folder
@@ -158,9 +197,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     coco_ids = coco_image_ids(model.config.get("data") or {}, paths)
     results, skipped = [], []
     try:
-        for path in tqdm(paths, desc="predict", dynamic_ncols=True):
+        for path, detections in _predict_in_batches(model, paths, args.batch_size, args.score_threshold):
             try:
-                detections = sparsedet.predict(model, path, score_threshold=args.score_threshold)[0]
+                if isinstance(detections, Exception):
+                    raise detections
                 draw_detections(path, detections, class_names, score_threshold=args.score_threshold).save(
                     output / f"{path.stem}.png")
                 if args.explain:
@@ -285,6 +325,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--anchor-recall", action="store_true",
                           help="instead of AP: mmdet-style AR@100/300/1000 of the generated anchors and "
                                "proposals (ASAG)")
+    evaluate.add_argument("--batch-size", type=_positive_int, metavar="N",
+                          help="images per forward pass (default: the config's test.images_per_batch); "
+                               "larger batches amortise GPU launches, same detections for same-size images")
     evaluate.set_defaults(func=_cmd_eval)
 
     predict = commands.add_parser(
@@ -304,6 +347,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                               "Sparse Query; ASAG: the fixed and probing patches and the anchors they produced; "
                               "TSP: the FoIs / RoIs that entered the encoder (<name>_explain.png)")
     predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    predict.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                         help="images per forward pass (default: %(default)s); images of a batch are padded "
+                              "to the largest, which can shift detections at the padded borders slightly")
     predict.set_defaults(func=_cmd_predict)
 
     demo = commands.add_parser(

@@ -70,7 +70,9 @@ def predict(model: nn.Module, images: Union[ImageLike, Sequence[ImageLike]], sco
 
     Each image is resized so its short side is ``min_size`` (long side at most ``max_size``;
     defaults: the config's ``input.min_size_test`` / ``max_size_test``), detected, and the boxes are
-    mapped back to the original pixels.
+    mapped back to the original pixels. ``batch_size`` images go through the model per call
+    (dense detectors and Cascade Sparse Query run whole batches); a batch is zero-padded to its
+    largest image, so images of one size get exactly their one-at-a-time detections.
 
     Returns:
         per image ``{"boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,)}`` sorted by score, with
@@ -78,6 +80,8 @@ def predict(model: nn.Module, images: Union[ImageLike, Sequence[ImageLike]], sco
     """
     if isinstance(images, (str, Path, torch.Tensor, np.ndarray)):
         images = [images]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     input_cfg = getattr(model, "config", {}).get("input", {})
     min_size = min_size or input_cfg.get("min_size_test", 800)
     max_size = max_size or input_cfg.get("max_size_test", 1333)

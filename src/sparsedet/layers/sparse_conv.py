@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -71,12 +72,16 @@ class ActiveSet:
         child_rows: (n,) int64 rows (into ``indices``) of the sites whose outputs are wanted, in the
             order they were given (the children of the queries); empty when none were given.
         shape: (B, H, W) of the level's map.
+        radius: when known, every active site lies within this Chebyshev distance of a child inside
+            a fully active window (``build_active_set``: context // 2); lets :func:`needed_rows`
+            stop early. None for arbitrary masks.
     """
 
     indices: Tensor
     neighbors: Tensor
     child_rows: Tensor
     shape: tuple[int, int, int]
+    radius: Optional[int] = None
 
     @property
     def num_active(self) -> int:
@@ -99,7 +104,13 @@ class ActiveSet:
         active sites (their rows become ``child_rows``)."""
         if mask.dim() != 3 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a (B, H, W) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-        return _from_linear(mask.flatten().nonzero().squeeze(1), tuple(mask.shape), children)
+        b, h, w = mask.shape
+        lut_shape = (b, h + 2, w + 2)
+        child_linear = None
+        if children is not None and children.numel():
+            _check_sites(children, "children")
+            child_linear = _padded_linear(children, lut_shape, 1)
+        return _from_indices(mask.nonzero(), (b, h, w), child_linear, 1, validate=True)
 
 
 def query_children(parents: Tensor, shape: Sequence[int], parent_shape: Optional[Sequence[int]] = None) -> Tensor:
@@ -119,10 +130,9 @@ def query_children(parents: Tensor, shape: Sequence[int], parent_shape: Optional
     """
     _check_sites(parents, "parents")
     _, h, w = shape
-    offsets = torch.tensor([(0, i, j) for i, j in _CHILD_OFFSETS], dtype=torch.long, device=parents.device)
-    scale = torch.tensor([1, 2, 2], dtype=torch.long, device=parents.device)
-    children = (parents * scale).unsqueeze(0) + offsets.unsqueeze(1)          # (4, n, 3)
-    children = children.reshape(-1, 3)
+    scale = _constant("child_scale", parents.device, lambda: [1, 2, 2])
+    offsets = _constant("child_offsets", parents.device, lambda: [[[0, i, j]] for i, j in _CHILD_OFFSETS])
+    children = torch.addcmul(offsets, parents.unsqueeze(0), scale).reshape(-1, 3)   # (4, n, 3) -> (4n, 3)
     if parent_shape is not None and 2 * parent_shape[-2] <= h and 2 * parent_shape[-1] <= w:
         return children
     inside = (children[:, 1] < h) & (children[:, 2] < w)
@@ -142,56 +152,77 @@ def build_active_set(children: Tensor, shape: Sequence[int], context: int = 5, v
     Returns:
         An :class:`ActiveSet` whose ``child_rows[k]`` is the row of ``children[k]``.
 
-    De-duplication scatters the window sites' linear indices b*H*W + y*W + x into a boolean map and
-    reads it back with ``nonzero``: O(n * context^2 + B*H*W) with small constants, no sort, and the
-    result comes out row-major sorted (which keeps gathers from the feature map cache-friendly).
+    De-duplication scatters the window sites into a boolean map padded by the window radius (so
+    that no window needs clipping) and reads the map's interior back with ``nonzero``:
+    O(n * context^2 + B*H*W) with small constants, no sort, one device synchronisation, and the result
+    comes out row-major sorted (which keeps gathers from the feature map cache-friendly). Index
+    constants (window offsets, strides, taps) are built once per device and map width.
     """
     _check_sites(children, "children")
     if context < 1 or context % 2 == 0:
         raise ValueError(f"context must be an odd window side >= 1, got {context}")
     b, h, w = (int(s) for s in shape)
-    device = children.device
+    if validate and children.numel() and not bool(
+            ((children >= 0).all(1) & (children[:, 0] < b) & (children[:, 1] < h) & (children[:, 2] < w)).all()):
+        raise ValueError(f"some children lie outside the (B, H, W) = {(b, h, w)} map")
     r = context // 2
-    d = torch.arange(-r, r + 1, device=device)
-    dy = d.repeat_interleave(context)                   # window offsets, row-major
-    dx = d.repeat(context)
-    ys = children[:, 1:2] + dy                          # (n, context^2)
-    xs = children[:, 2:3] + dx
-    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-    linear = (children[:, 0:1] * h + ys) * w + xs
-    # Window sites outside the map go to a dump slot at the end (a where, not a boolean-mask index,
-    # which would synchronise a GPU); the single nonzero below is the only synchronisation.
-    linear = torch.where(inside, linear, torch.full_like(linear, b * h * w))
-    hit = torch.zeros(b * h * w + 1, dtype=torch.bool, device=device)
-    hit[linear.reshape(-1)] = True
-    return _from_linear(hit[:-1].nonzero().squeeze(1), (b, h, w), children, validate)
+    pad = max(r, 1)   # the padded grid doubles as the neighbour lookup table, which needs 1
+    grid_shape = (b, h + 2 * pad, w + 2 * pad)
+    child_linear = _padded_linear(children, grid_shape, pad)
+    # Windows around in-map children never leave the padded grid: no bounds tests, one scatter.
+    window = _constant(("window", context, grid_shape[2]), children.device,
+                       lambda: [dy * grid_shape[2] + dx for dy in range(-r, r + 1) for dx in range(-r, r + 1)])
+    hit = torch.zeros(grid_shape, dtype=torch.bool, device=children.device)
+    hit.view(-1).index_fill_(0, (child_linear.unsqueeze(1) + window).view(-1), True)
+    # Read back the map's interior: (N, 3) (batch, y, x), row-major. The one synchronisation.
+    indices = hit[:, pad:pad + h, pad:pad + w].nonzero()
+    return _from_indices(indices, (b, h, w), child_linear, pad, validate=False, radius=r)
 
 
-def _from_linear(linear: Tensor, shape: tuple, children: Optional[Tensor], validate: bool = True) -> ActiveSet:
-    """ActiveSet from sorted unique linear site indices b*H*W + y*W + x."""
+def _constant(key, device, make) -> Tensor:
+    """A small int64 constant, built once per device (saves a host-to-device copy per call)."""
+    full_key = (key, device)
+    value = _CONSTANTS.get(full_key)
+    if value is None:
+        if len(_CONSTANTS) > 512:      # many distinct map sizes: start over rather than grow
+            _CONSTANTS.clear()
+        value = _CONSTANTS[full_key] = torch.tensor(make(), dtype=torch.long, device=device)
+    return value
+
+
+_CONSTANTS: dict = {}
+
+
+def _padded_linear(sites: Tensor, grid_shape: tuple, pad: int) -> Tensor:
+    """(n, 3) (batch, y, x) -> (n,) linear index into a (B, H + 2 pad, W + 2 pad) padded grid."""
+    _, hp, wp = grid_shape
+    strides = _constant(("strides", hp, wp), sites.device, lambda: [hp * wp, wp, 1])
+    return (sites * strides).sum(1).add_(pad * wp + pad)
+
+
+def _from_indices(indices: Tensor, shape: tuple, child_linear: Optional[Tensor], pad: int,
+                  validate: bool = True, radius: Optional[int] = None) -> ActiveSet:
+    """ActiveSet from row-major sorted unique (N, 3) sites; ``child_linear``: the children's indices
+    into the (B, H + 2 pad, W + 2 pad) padded grid (or None)."""
     b, h, w = shape
-    device = linear.device
-    n = linear.numel()
-    bi = torch.div(linear, h * w, rounding_mode="floor")
-    rem = linear - bi * (h * w)
-    y = torch.div(rem, w, rounding_mode="floor")
-    x = rem - y * w
-    indices = torch.stack([bi, y, x], dim=1)
-    # Row lookup table padded by one site on every side and pre-filled with the sentinel n: a tap
-    # reading outside the map lands in the border and needs no bounds test.
-    hp, wp = h + 2, w + 2
-    lut = torch.full((b * hp * wp,), n, dtype=torch.long, device=device)
-    base = (bi * hp + y + 1) * wp + x + 1
-    lut[base] = torch.arange(n, device=device)
-    taps = torch.tensor([dy * wp + dx for dy, dx in _TAPS], dtype=torch.long, device=device)
+    device = indices.device
+    n = indices.shape[0]
+    grid_shape = (b, h + 2 * pad, w + 2 * pad)
+    wp = grid_shape[2]
+    # Row lookup table on the padded grid, pre-filled with the sentinel n: a tap reading outside
+    # the map lands in the border and needs no bounds test.
+    base = _padded_linear(indices, grid_shape, pad)
+    lut = torch.full((grid_shape[0] * grid_shape[1] * wp,), n, dtype=torch.long, device=device)
+    lut.index_copy_(0, base, torch.arange(n, device=device))
+    taps = _constant(("taps", wp), device, lambda: [dy * wp + dx for dy, dx in _TAPS])
     neighbors = lut[base.unsqueeze(1) + taps]
-    if children is None or children.numel() == 0:
+    if child_linear is None or child_linear.numel() == 0:
         child_rows = torch.zeros(0, dtype=torch.long, device=device)
     else:
-        child_rows = lut[(children[:, 0] * hp + children[:, 1] + 1) * wp + children[:, 2] + 1]
+        child_rows = lut[child_linear]
         if validate and bool((child_rows == n).any()):
             raise ValueError("some children are not active sites (or lie outside the map)")
-    return ActiveSet(indices, neighbors, child_rows, (b, h, w))
+    return ActiveSet(indices, neighbors, child_rows, (b, h, w), radius)
 
 
 def _check_sites(sites: Tensor, name: str) -> None:
@@ -202,7 +233,7 @@ def _check_sites(sites: Tensor, name: str) -> None:
 
 def gather_sites(features: Tensor, indices: Tensor) -> Tensor:
     """(B, C, H, W) map, (N, 3) sites -> (N, C) feature rows."""
-    return features.permute(0, 2, 3, 1)[indices[:, 0], indices[:, 1], indices[:, 2]]
+    return features.permute(0, 2, 3, 1)[indices.unbind(1)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +417,17 @@ def needed_rows(active: ActiveSet, rows: Tensor, tower: nn.Module) -> list[Optio
     need = rows
     kernels = [_check_conv(p) for p in tower.predictors]
     k_next = max(kernels)
+    reach = 0      # Chebyshev distance from the children that the layers above read
     for layer in reversed(list(tower.subnet)):
+        reach += k_next // 2
+        if active.radius is not None and reach >= active.radius:
+            # Every active site is within `radius` of a child through a fully active window, so
+            # from here down every row is read (no need to compute it, nor to synchronise).
+            needed.extend([None] * (len(tower.subnet) - len(needed)))
+            break
         if k_next == 3:
             hit = torch.zeros(n + 1, dtype=torch.bool, device=rows.device)
-            hit[active.neighbors.index_select(0, need).reshape(-1)] = True
+            hit.index_fill_(0, active.neighbors.index_select(0, need).view(-1), True)
             need = hit[:n].nonzero().squeeze(1)
         else:
             need = need.unique()
@@ -442,12 +480,17 @@ def sparse_towers(towers: Sequence[nn.Module], x: Tensor, active: ActiveSet, row
             for i in members:
                 out[i] = sparse_tower(towers[i], x, active, rows, chunk_rows=chunk_rows, prune=prune, needed=needed)
             continue
-        feats = _stacked_trunk(distinct, x, active, needed, chunk_rows)       # (T, N + 1, C)
-        # Predictors: only at `rows`; the trunk outputs already end with the zero row, so the
-        # neighbour rows index them directly (one neighbour lookup shared by every predictor).
-        nbr = active.neighbors.index_select(0, rows)
+        feats, index = _stacked_trunk(distinct, x, active, needed, chunk_rows)   # (T N + 1, C), (T, N, 9)
+        # Predictors: only at `rows`; one gather of the 3x3 neighbourhoods of every trunk.
+        t_count, n = index.shape[:2]
+        c = feats.shape[1]
+        if any(p.kernel_size[0] == 3 for i in members for p in towers[i].predictors):
+            gathered = feats.index_select(0, index.index_select(1, rows).reshape(-1))
+            gathered = gathered.view(t_count, rows.shape[0], 9 * c)
+        centres = index[:, :, _CENTER_TAP]                                 # (T, N) each row's own row
         for t, i in zip(trunk_of, members):
-            out[i] = [_predict(feats[t], nbr, rows, p) for p in towers[i].predictors]
+            out[i] = [_predict(feats, gathered[t] if p.kernel_size[0] == 3 else centres[t, rows], p)
+                      for p in towers[i].predictors]
     return out
 
 
@@ -456,13 +499,11 @@ def _tower_parameters(tower) -> list[Tensor]:
     return [p for conv in list(tower.subnet) + list(tower.predictors) for p in conv.parameters()]
 
 
-def _predict(padded: Tensor, nbr: Tensor, rows: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A predictor at ``rows`` from trunk features ``padded`` (N + 1, C) whose last row is zero."""
+def _predict(feats: Tensor, inputs: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A predictor at some rows: ``inputs`` = their (r, 9 C) gathered 3x3 neighbourhoods (3x3
+    predictor), or their (r,) row numbers in the trunk output ``feats`` (1x1 predictor)."""
     w = _matmul_weight(conv.weight)
-    if conv.kernel_size[0] == 1:
-        g = padded.index_select(0, rows)
-    else:
-        g = padded.index_select(0, nbr.reshape(-1)).view(nbr.shape[0], -1)
+    g = feats.index_select(0, inputs) if conv.kernel_size[0] == 1 else inputs
     return torch.addmm(conv.bias, g, w) if conv.bias is not None else g @ w
 
 
@@ -472,8 +513,9 @@ def _predict(padded: Tensor, nbr: Tensor, rows: Tensor, conv: nn.Conv2d) -> Tens
 _STACK_CACHE = WeakIdKeyDictionary()
 
 
-def _stacked_weights(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor]:
-    """(T, 9*C_in, C_out) matmul weights and (T, 1, C_out) biases of T same-shaped 3x3 convs."""
+def _stacked_weights(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of T same-shaped 3x3 convs: (T, 9*C_in, C_out) matmul weights, (T, 1, C_out) biases, and the
+    same side by side, (9*C_in, T*C_out) and (T*C_out,), for towers that read one shared input."""
     weights = [c.weight for c in convs]
     cacheable = not any(w.is_inference() or (torch.is_grad_enabled() and w.requires_grad) for w in weights)
     if cacheable:
@@ -487,16 +529,28 @@ def _stacked_weights(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor]:
             return hit[2]
     w = torch.stack([_matmul_weight(c.weight) for c in convs])
     b = torch.stack([c.bias for c in convs]).unsqueeze(1)
+    t_count, _, c_out = w.shape
+    w_cat = w.permute(1, 0, 2).reshape(w.shape[1], t_count * c_out)
+    b_cat = b.reshape(t_count * c_out)
     if cacheable:
-        entries[group_key] = (tuple(weakref.ref(x) for x in weights), versions, (w, b))
-    return w, b
+        entries[group_key] = (tuple(weakref.ref(x) for x in weights), versions, (w, b, w_cat, b_cat))
+    return w, b, w_cat, b_cat
 
 
 def _stacked_trunk(group: Sequence[nn.Module], x: Tensor, active: ActiveSet, needed: list,
-                   chunk_rows: int) -> Tensor:
-    """Trunks of T same-shaped towers on one active set -> (T, N + 1, C) trunk outputs, row N zero.
+                   chunk_rows: int) -> tuple[Tensor, Tensor]:
+    """Trunks of T same-shaped towers on one active set.
 
-    Rows a later layer never reads (``needed``) are left at zero, as in :func:`sparse_tower`.
+    Returns:
+        feats: (T * N + 1, C) trunk outputs, tower t's rows at t * N .. t * N + N - 1, and one
+            shared zero row at the end (what a missing neighbour reads).
+        index: (T, N, 9) rows of ``feats`` holding each tower's 3x3 neighbours of each active row
+            (the neighbour table shifted by t * N, the sentinel mapped to the zero row).
+
+    Rows no later layer reads (``needed``) are not computed; unlike :func:`sparse_tower` they are
+    not zeroed either (they hold an earlier layer's values): nothing reads them. Two buffers of
+    that layout alternate between layers, so that a layer is one gather, one batched matmul written
+    in place and one ReLU.
     """
     t_count = len(group)
     n = x.shape[0]
@@ -504,42 +558,51 @@ def _stacked_trunk(group: Sequence[nn.Module], x: Tensor, active: ActiveSet, nee
     if x.is_cuda:
         chunk_rows = max(chunk_rows, 1 << 16)
     chunk = max(chunk_rows // t_count, 256)
-    feats = None                               # (T, N + 1, C): row N of every tower is the zero row
+    offsets = torch.arange(0, t_count * n, n, device=x.device).view(t_count, 1, 1)
+    nbr = active.neighbors
+    index = torch.where(nbr == n, t_count * n, nbr + offsets)           # (T, N, 9), built once
+    buffers = {}               # C_out -> two (buffer, body view) pairs that alternate
+    feats = None               # the current layer's input buffer
     for layer_index in range(depth):
         convs = [tower.subnet[layer_index] for tower in group]
-        w, b = _stacked_weights(convs)        # (T, 9 C_in, C_out), (T, 1, C_out)
+        w, b, w_cat, b_cat = _stacked_weights(convs)        # (T, 9 C_in, C_out), (T, 1, C_out), ...
         c_out = w.shape[2]
         need = needed[layer_index]
-        nbr = active.neighbors if need is None else active.neighbors.index_select(0, need)
-        m = nbr.shape[0]
-        y = x.new_empty(t_count, m, c_out)
+        if c_out not in buffers:
+            both = x.new_empty(2, t_count * n + 1, c_out)
+            both[:, -1].zero_()               # the zero rows (never written afterwards)
+            buffers[c_out] = [(buf, buf[:-1].view(t_count, n, c_out)) for buf in both.unbind(0)]
+        out, body = next(pair for pair in buffers[c_out] if pair[0] is not feats)
+        m = n if need is None else need.shape[0]
+        target = body if need is None else x.new_empty(t_count, m, c_out)
         if feats is None:
             # Layer 1: every tower reads the same x -> one gather, one matmul against [W_1 | ... | W_T].
-            xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
-            w_cat = w.permute(1, 0, 2).reshape(w.shape[1], t_count * c_out)
-            b_cat = b.reshape(t_count * c_out)
-            for s in range(0, m, chunk * t_count):
-                part = nbr[s:s + chunk * t_count]
-                g = xp.index_select(0, part.reshape(-1)).view(part.shape[0], -1)
-                y[:, s:s + part.shape[0]] = torch.addmm(b_cat, g, w_cat).view(-1, t_count, c_out).transpose(0, 1)
-        else:
-            flat = feats.reshape(-1, feats.shape[2])                       # (T * (N + 1), C_in)
-            offsets = torch.arange(t_count, device=x.device).mul_(n + 1).view(t_count, 1, 1)
-            for s in range(0, m, chunk):
-                part = nbr[s:s + chunk]
-                idx = (part.unsqueeze(0) + offsets).reshape(-1)
-                g = flat.index_select(0, idx).view(t_count, part.shape[0], -1)
-                if m <= chunk:
-                    torch.baddbmm(b, g, w, out=y)               # one chunk: write in place
+            xp = F.pad(x, (0, 0, 0, 1))                                   # + the zero row
+            layer_nbr = nbr if need is None else nbr.index_select(0, need)
+            step = chunk * t_count
+            for s in range(0, m, step):
+                part = layer_nbr if m <= step else layer_nbr[s:s + step]
+                g = xp.index_select(0, part.view(-1)).view(part.shape[0], -1)
+                y = torch.addmm(b_cat, g, w_cat).view(-1, t_count, c_out).transpose(0, 1)
+                if m <= step:
+                    target.copy_(y)
                 else:
-                    y[:, s:s + part.shape[0]] = torch.baddbmm(b, g, w)
-        y.relu_()
-        feats = x.new_zeros(t_count, n + 1, c_out)
-        if need is None:
-            feats[:, :n] = y
+                    target[:, s:s + part.shape[0]] = y
         else:
-            feats[:, need] = y
-    return feats
+            layer_index_rows = index if need is None else index.index_select(1, need)   # (T, m, 9)
+            if m <= chunk:
+                g = feats.index_select(0, layer_index_rows.reshape(-1)).view(t_count, m, -1)
+                torch.baddbmm(b, g, w, out=target)                           # one chunk: write in place
+            else:
+                for s in range(0, m, chunk):
+                    part = layer_index_rows[:, s:s + chunk]
+                    g = feats.index_select(0, part.reshape(-1)).view(t_count, part.shape[1], -1)
+                    target[:, s:s + part.shape[1]] = torch.baddbmm(b, g, w)
+        target.relu_()
+        if need is not None:
+            body.index_copy_(1, need, target)  # other rows keep stale values nobody reads
+        feats = out
+    return feats, index
 
 
 def masked_dense_tower(tower: nn.Module, features: Tensor, mask: Tensor) -> list[Tensor]:

@@ -240,9 +240,11 @@ def cascade_sparse_query(
     if len(query_tower.predictors) != 1 or query_tower.predictors[0].out_channels != 1:
         raise ValueError("the query tower must have exactly one predictor with one output channel")
 
-    if start_query_logits is None:
-        start_query_logits = query_tower(features[start_level])[0][:, 0]
-    parents = (start_query_logits.sigmoid() > threshold).nonzero()
+    # record_function ranges name the cascade's steps in torch.profiler traces (csq.P4, csq.P3, ...).
+    with torch.profiler.record_function(f"csq.P{start_level}"):
+        if start_query_logits is None:
+            start_query_logits = query_tower(features[start_level])[0][:, 0]
+        parents = (start_query_logits.sigmoid() > threshold).nonzero()
     parent_shape = tuple(start_query_logits.shape)
 
     shapes = {}
@@ -253,26 +255,27 @@ def cascade_sparse_query(
     for i, v in enumerate(sparse_levels):
         if parents.shape[0] == 0:
             break
-        last = i == len(sparse_levels) - 1
-        towers = list(value_towers) + ([] if last else [query_tower])
-        children = query_children(parents, shapes[v], parent_shape)
-        parent_shape = shapes[v]
-        if method == "csq":
-            outs, num_active = _evaluate_sparse(towers, features[v], children, context, backend, chunk_rows)
-        elif method == "crop":
-            outs = [crop_tower(t, features[v], children) for t in towers]
-            # The first conv of a crop of side S computes (S - 2)^2 sites, per child.
-            num_active = children.shape[0] * max((_crop_side(t) - 2) ** 2 for t in towers)
-        else:  # complete_conv
-            outs = [[o.permute(0, 2, 3, 1)[children[:, 0], children[:, 1], children[:, 2]] for o in t(features[v])]
-                    for t in towers]
-            num_active = shapes[v][0] * shapes[v][1] * shapes[v][2]
-        query_logits = None if last else outs[-1][0][:, 0]
-        levels.append(CSQLevel(level=v, positions=children, values=outs[:len(value_towers)],
-                               query_logits=query_logits, num_queries=parents.shape[0],
-                               num_active=num_active, shape=shapes[v]))
-        if not last:
-            parents = children[query_logits.sigmoid() > threshold]
+        with torch.profiler.record_function(f"csq.P{v}"):
+            last = i == len(sparse_levels) - 1
+            towers = list(value_towers) + ([] if last else [query_tower])
+            children = query_children(parents, shapes[v], parent_shape)
+            parent_shape = shapes[v]
+            if method == "csq":
+                outs, num_active = _evaluate_sparse(towers, features[v], children, context, backend, chunk_rows)
+            elif method == "crop":
+                outs = [crop_tower(t, features[v], children) for t in towers]
+                # The first conv of a crop of side S computes (S - 2)^2 sites, per child.
+                num_active = children.shape[0] * max((_crop_side(t) - 2) ** 2 for t in towers)
+            else:  # complete_conv
+                outs = [[o.permute(0, 2, 3, 1)[children[:, 0], children[:, 1], children[:, 2]] for o in t(features[v])]
+                        for t in towers]
+                num_active = shapes[v][0] * shapes[v][1] * shapes[v][2]
+            query_logits = None if last else outs[-1][0][:, 0]
+            levels.append(CSQLevel(level=v, positions=children, values=outs[:len(value_towers)],
+                                   query_logits=query_logits, num_queries=parents.shape[0],
+                                   num_active=num_active, shape=shapes[v]))
+            if not last:
+                parents = children[query_logits.sigmoid() > threshold]
     return CSQOutput(start_level=start_level, start_query_logits=start_query_logits, levels=levels,
                      sparse_levels=sparse_levels, shapes=shapes, threshold=threshold, context=context,
                      method=method)

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
+
+from ...layers.focal_loss import binary_labels, fused_sigmoid_focal_loss
 
 
 class ForegroundNormalizer(nn.Module):
@@ -68,12 +69,9 @@ def dense_detection_losses(
     loss_box = normalizer.new_zeros(())
     for level_logits, level_deltas, classes, targets, weight in zip(logits, deltas, gt_classes, gt_deltas, level_weights):
         num_classes = level_logits.shape[-1]
-        valid = classes >= 0
-        foreground = valid & (classes < num_classes)
-        # One-hot with an extra background column that is then dropped: background = all zeros.
-        onehot = F.one_hot(classes[valid], num_classes + 1)[:, :num_classes].to(torch.float32)
-        level_cls = sigmoid_focal_loss(level_logits[valid].float(), onehot, alpha=focal_alpha,
-                                       gamma=focal_gamma, reduction="sum")
+        foreground = (classes >= 0) & (classes < num_classes)
+        # Labels straight from gt_classes (K = background = all-zero targets, -1 = ignored row).
+        level_cls = fused_sigmoid_focal_loss(level_logits, classes, focal_alpha, focal_gamma, "sum")
         level_box = F.smooth_l1_loss(level_deltas[foreground].float(), targets[foreground].float(),
                                      beta=smooth_l1_beta, reduction="sum")
         loss_cls = loss_cls + weight * level_cls
@@ -93,8 +91,9 @@ def query_loss(logits: Sequence[Tensor], targets: Sequence[Tensor], loss_weight:
     """
     total = None
     for level_logits, level_targets in zip(logits, targets, strict=True):
-        level = sigmoid_focal_loss(level_logits.reshape(level_targets.shape).float(), level_targets.float(),
-                                   alpha=focal_alpha, gamma=focal_gamma, reduction="mean")
+        labels = binary_labels(level_targets)
+        level = fused_sigmoid_focal_loss(level_logits.reshape(labels.shape[0], 1), labels,
+                                         focal_alpha, focal_gamma, "mean")
         total = level * loss_weight if total is None else total + level * loss_weight
     if total is None:
         raise ValueError("query_loss needs at least one query level")

@@ -20,9 +20,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
-
 from ...layers.box_coder import BoxCoder
+from ...layers.box_ops import class_aware_nms
 from ..preprocess import rescale_boxes
 
 
@@ -63,7 +62,8 @@ def merge_detections(candidates: Sequence[Candidates], score_threshold: float, n
     """All levels' candidates of one image -> ``{"boxes" (K, 4), "scores" (K,), "labels" (K,)}``.
 
     Keep the scores ``> score_threshold``, one class-aware NMS over all levels (torchvision
-    ``batched_nms``), keep the ``max_detections`` best, map from the network input's ``image_size``
+    ``batched_nms`` semantics in one ``nms`` call: ``layers.box_ops.class_aware_nms``), keep the
+    ``max_detections`` best, map from the network input's ``image_size``
     (H, W) to ``original_size`` (per-axis scale; ``None`` = stay in input pixels), clip to it, and drop
     boxes with zero width or height.
     """
@@ -72,7 +72,7 @@ def merge_detections(candidates: Sequence[Candidates], score_threshold: float, n
     boxes = torch.cat([c.boxes for c in candidates]).index_select(0, keep)
     labels = torch.cat([c.labels for c in candidates]).index_select(0, keep)
     scores = scores.index_select(0, keep)
-    keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]  # sorted by score
+    keep = class_aware_nms(boxes, scores, labels, nms_threshold)[:max_detections]  # sorted by score
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     boxes = rescale_boxes(boxes, tuple(image_size), None if original_size is None else tuple(original_size))
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

@@ -15,7 +15,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss
+
+from ...layers.focal_loss import fused_sigmoid_focal_loss
 
 from .targets import centerness_targets
 
@@ -67,8 +69,8 @@ def fcos_losses(logits: Sequence[Tensor], ltrb: Sequence[Tensor], centerness: Se
     loss_ctr = loss_cls.clone()
     for lg, pred, ctr, classes, target, pos, ctr_t, beta in zip(
             logits, ltrb, centerness, gt_classes, gt_ltrb, positives, ctr_targets, level_weights):
-        onehot = F.one_hot(classes, num_classes + 1)[:, :num_classes].float()   # background = all zeros
-        loss_cls = loss_cls + beta * sigmoid_focal_loss(lg.float(), onehot, focal_alpha, focal_gamma, "sum")
+        # Labels as they are: K = background (all-zero targets).
+        loss_cls = loss_cls + beta * fused_sigmoid_focal_loss(lg, classes, focal_alpha, focal_gamma, "sum")
         if bool(pos.any()):
             loss_box = loss_box + beta * (ctr_t * box_loss(pred[pos], target[pos].float(), box_loss_kind)).sum()
             loss_ctr = loss_ctr + beta * F.binary_cross_entropy_with_logits(ctr[pos].float(), ctr_t, reduction="sum")
