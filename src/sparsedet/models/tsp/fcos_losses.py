@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+from ...layers.focal_loss import fused_sigmoid_focal_loss
 from .restricted_matching import restricted_match
 
 
@@ -43,9 +44,8 @@ def foi_classifier_loss(foi_logits: Tensor, location_labels: Tensor, focal_alpha
     """``loss_fcos_local_cls``: FCOS focal loss (sum) over every location's K logits (R, K) against the
     one-hot FCOS classes (R,) (K = background), / avg(#positive locations)."""
     num_classes = foi_logits.shape[1]
-    onehot = F.one_hot(location_labels, num_classes + 1)[:, :num_classes].float()
     num_pos = torch.clamp(process_average((location_labels < num_classes).sum()), min=1.0)
-    return sigmoid_focal_loss(foi_logits.float(), onehot, focal_alpha, focal_gamma, "sum") / num_pos
+    return fused_sigmoid_focal_loss(foi_logits, location_labels, focal_alpha, focal_gamma, "sum") / num_pos
 
 
 def tsp_fcos_losses(foi_logits: Tensor, location_labels: Tensor, logits: Tensor, ltrb: Tensor,
