@@ -31,13 +31,12 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from .detectron2 import backbone_to_official_key, backbone_to_sparsedet_key
+from .detectron2 import BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key
 from .common import ConversionResult, describe_layout, summarize_keys
 from .sparse_rcnn import _RESNET_DEPTHS
 
 BASE_CONFIG = "tsp_fcos/r50_fpn_3x"
 IGNORED = ("pixel_mean", "pixel_std")
-BACKBONE_PREFIX = "backbone.bottom_up."
 FIRST_FPN_STAGE = 3
 SAME_NAME_PREFIXES = ("fcos_head.", "transformer_encoder.", "enc_proj.", "post_enc_proj_norm.", "cls_logits.",
                       "bbox_pred.", "ctrness.")
