@@ -11,9 +11,18 @@ import re
 from typing import Optional
 
 from ..models.backbones.build import detectron2_resnet_key
-from .sparse_rcnn import _TO_D2_RESNET
 
 BACKBONE_PREFIX = "backbone.bottom_up."
+
+# sparsedet ResNet names -> detectron2 names; only used to name missing keys in error messages.
+_TO_D2_RESNET = [
+    (r"^conv1\.", "stem.conv1."),
+    (r"^bn1\.", "stem.conv1.norm."),
+    (r"^layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
+    (r"^layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
+    (r"^layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
+    (r"^layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
+]
 
 _FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$")
 _OUR_FPN = re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)$")
