@@ -34,6 +34,7 @@ import torch
 
 from ..models import build_model
 from ..models.backbones.build import detectron2_resnet_key
+from .detectron2 import _TO_D2_RESNET  # noqa: F401  (re-exported; querydet imports it from here)
 from .common import ConversionResult, describe_layout, summarize_keys
 
 BASE_CONFIG = "sparse_rcnn/r50_fpn_100pro_3x"
@@ -49,17 +50,6 @@ _RESNET_DEPTHS = {
     (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
     (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
 }
-
-# sparsedet ResNet names -> detectron2 names; only used to name missing keys in error messages.
-_TO_D2_RESNET = [
-    (r"^conv1\.", "stem.conv1."),
-    (r"^bn1\.", "stem.conv1.norm."),
-    (r"^layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
-    (r"^layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
-    (r"^layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
-    (r"^layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
-]
-
 
 class MissingKeyError(ValueError):
     """A tensor needed to infer the architecture is absent; ``key`` is its sparsedet name."""

@@ -31,36 +31,24 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from ..models.backbones.build import detectron2_resnet_key
+from .detectron2 import BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key
 from .common import ConversionResult, describe_layout, summarize_keys
-from .sparse_rcnn import _RESNET_DEPTHS, _TO_D2_RESNET
+from .sparse_rcnn import _RESNET_DEPTHS
 
 BASE_CONFIG = "tsp_fcos/r50_fpn_3x"
 IGNORED = ("pixel_mean", "pixel_std")
-BACKBONE_PREFIX = "backbone.bottom_up."
 FIRST_FPN_STAGE = 3
 SAME_NAME_PREFIXES = ("fcos_head.", "transformer_encoder.", "enc_proj.", "post_enc_proj_norm.", "cls_logits.",
                       "bbox_pred.", "ctrness.")
 SAME_NAME_KEYS = ("pyramid_position_embedding", "scales")
 
-_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$")
-_TOP = re.compile(r"^backbone\.top_block\.(p6|p7)\.(conv|bn)\.(.+)$")
 
 
 def official_to_sparsedet_key(key: str) -> Optional[str]:
     """Our name for an official TSP-FCOS key (None when no rule covers it)."""
-    if key.startswith(BACKBONE_PREFIX):
-        rest = key[len(BACKBONE_PREFIX):]
-        new = detectron2_resnet_key(rest)
-        return None if new == rest else "backbone.body." + new
-    match = _FPN.match(key)
-    if match:
-        kind = "inner_blocks" if match[1] == "lateral" else "layer_blocks"
-        index = int(match[2]) - FIRST_FPN_STAGE
-        return None if index < 0 else f"backbone.fpn.{kind}.{index}.0.{match[3]}"
-    match = _TOP.match(key)
-    if match:
-        return f"backbone.fpn.extra_blocks.{match[1]}.{match[2]}.{match[3]}"
+    new = backbone_to_sparsedet_key(key, FIRST_FPN_STAGE)
+    if new is not None:
+        return new
     if key.startswith(SAME_NAME_PREFIXES) or key in SAME_NAME_KEYS:
         return key
     return None
@@ -68,21 +56,8 @@ def official_to_sparsedet_key(key: str) -> Optional[str]:
 
 def sparsedet_to_official_key(key: str) -> str:
     """Inverse mapping, to name missing keys as the user's file would."""
-    if key.startswith("backbone.body."):
-        rest = key[len("backbone.body."):]
-        for pattern, repl in _TO_D2_RESNET:
-            new, count = re.subn(pattern, repl, rest)
-            if count:
-                return BACKBONE_PREFIX + new
-        return key
-    match = re.match(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)$", key)
-    if match:
-        kind = "lateral" if match[1] == "inner" else "output"
-        return f"backbone.fpn_{kind}{int(match[2]) + FIRST_FPN_STAGE}.{match[3]}"
-    match = re.match(r"^backbone\.fpn\.extra_blocks\.(.+)$", key)
-    if match:
-        return f"backbone.top_block.{match[1]}"
-    return key
+    official = backbone_to_official_key(key, FIRST_FPN_STAGE)
+    return key if official is None else official
 
 
 def is_tsp_fcos(state: Mapping) -> bool:

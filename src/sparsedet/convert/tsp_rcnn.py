@@ -32,12 +32,12 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from ..models.backbones.build import detectron2_resnet_key
+from .detectron2 import BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key
 from .common import ConversionResult, describe_layout, summarize_keys
-from .sparse_rcnn import _TO_D2_RESNET, MissingKeyError, _infer_backbone
+from .sparse_rcnn import MissingKeyError, _infer_backbone
 
 BASE_CONFIG = "tsp_rcnn/r50_fpn_3x"
-BACKBONE_PREFIX = "backbone.bottom_up."
+FIRST_FPN_STAGE = 2   # P2-P5 (+ P6 from the top block)
 IGNORED = re.compile(r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$")
 SIGNATURE_KEY = "roi_heads.box_head.post_input_proj_norm.weight"
 
@@ -62,20 +62,13 @@ def _prefix_rule(source: str, target: str) -> tuple[re.Pattern, str]:
 
 _TO_OURS = [_prefix_rule(o, s) for o, s in _PREFIX_PAIRS]
 _TO_OFFICIAL = [_prefix_rule(s, o) for o, s in _PREFIX_PAIRS]
-_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$")
-_OUR_FPN = re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d)\.0\.(weight|bias)$")
 
 
 def official_to_sparsedet_key(key: str) -> Optional[str]:
     """Our name for an official key, or None when no rule covers it."""
-    if key.startswith(BACKBONE_PREFIX):
-        rest = key[len(BACKBONE_PREFIX):]
-        new = detectron2_resnet_key(rest)
-        return None if new == rest else "backbone.body." + new
-    match = _FPN.match(key)
-    if match:
-        kind = "inner_blocks" if match[1] == "lateral" else "layer_blocks"
-        return f"backbone.fpn.{kind}.{int(match[2]) - 2}.0.{match[3]}"
+    new = backbone_to_sparsedet_key(key, FIRST_FPN_STAGE)
+    if new is not None:
+        return new
     for pattern, repl in _TO_OURS:
         if pattern.match(key):
             return pattern.sub(repl, key, count=1)
@@ -84,16 +77,9 @@ def official_to_sparsedet_key(key: str) -> Optional[str]:
 
 def sparsedet_to_official_key(key: str) -> str:
     """Inverse of ``official_to_sparsedet_key``, to name missing keys as the user's file would."""
-    if key.startswith("backbone.body."):
-        rest = key[len("backbone.body."):]
-        for pattern, repl in _TO_D2_RESNET:
-            new, count = re.subn(pattern, repl, rest)
-            if count:
-                return BACKBONE_PREFIX + new
-        return key
-    match = _OUR_FPN.match(key)
-    if match:
-        return f"backbone.fpn_{'lateral' if match[1] == 'inner' else 'output'}{int(match[2]) + 2}.{match[3]}"
+    official = backbone_to_official_key(key, FIRST_FPN_STAGE)
+    if official is not None:
+        return official
     for pattern, repl in _TO_OFFICIAL:
         if pattern.match(key):
             return pattern.sub(repl, key, count=1)
