@@ -137,8 +137,8 @@ def test_cli_export(tmp_path, capsys):
     from sparsedet.cli import main
 
     out = tmp_path / "r.onnx"
-    overrides = ["model.backbone.depth=18", "model.backbone.weights=null", "model.fpn.channels=32",
-                 "model.head.num_convs=1", "model.num_classes=3"]
+    overrides = ["model.backbone.depth=18", "model.backbone.layout=torchvision", "model.backbone.weights=null",
+                 "model.fpn.channels=32", "model.head.num_convs=1", "model.num_classes=3"]
     assert main(["export", "retinanet/r50_fpn_1x_coco", "--output", str(out), "--image-size", "64", "96",
                  *overrides]) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out

@@ -68,6 +68,10 @@ def _csq_disabled(model: nn.Module):
             csq.enabled = True
 
 
+CSQ_NOT_EXPORTED = ("Cascade Sparse Query is not exported (its per-level, per-image gather counts are Python "
+                    "loops over data-dependent sizes, which a trace freezes): the graph runs the dense heads")
+
+
 def _querydet_dense(model: nn.Module, images: list[Tensor]) -> list[dict]:
     """QueryDet exports its dense path: Cascade Sparse Query's gather / scatter counts are
     data-dependent Python loops (per level, per image, ``if rows.numel()``) and its sparse
