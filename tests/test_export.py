@@ -145,3 +145,20 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "retinanet/r50_fpn_1x_coco", "--output", str(tmp_path / "no" / "r.onnx"),
                  *overrides]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_export_checkpoint_dynamic(tmp_path, capsys, shared_data):
+    from sparsedet.checkpoint import save_atomic
+    from sparsedet.cli import main
+
+    torch.manual_seed(0)
+    model = build_model({"model": TINY_MODELS["sparse_rcnn"]}).eval()
+    save_atomic({"model": model.state_dict(), "config": model.config}, tmp_path / "tiny.pth")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", str(tmp_path / "tiny.pth"), "--output", str(out), "--dynamic",
+                 "--max-detections", "12"]) == 0
+    assert "(B=1, 3, H, W)" in capsys.readouterr().out
+    images = real_images(shared_data, (70, 90))
+    with torch.no_grad():
+        expected = model(list(images))
+    assert_same_detections(onnx_session(out).run(None, {"images": images.numpy()}), expected, 12)
