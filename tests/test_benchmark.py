@@ -1,8 +1,6 @@
 """The shared timing harness (``sparsedet.benchmark``) and ``sparsedet bench``."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -12,47 +10,59 @@ from sparsedet.benchmark import (POSTPROCESS, Candidate, Measure, Part, benchmar
 from sparsedet.models import build_model
 
 
+class VirtualClock:
+    """A clock that only moves when a ``Sleep`` module says so: exact, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 class Sleep(nn.Module):
-    def __init__(self, seconds):
+    def __init__(self, clock, seconds):
         super().__init__()
-        self.seconds = seconds
+        self.clock, self.seconds = clock, seconds
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return x
 
 
 class Staged(nn.Module):
     """Known stage durations: preprocess 10 ms, backbone 30 ms, head 2 x 10 ms, then 15 ms after."""
 
-    def __init__(self):
+    def __init__(self, clock):
         super().__init__()
-        self.preprocess, self.backbone, self.head = Sleep(0.01), Sleep(0.03), Sleep(0.01)
+        self.clock = clock
+        self.preprocess, self.backbone, self.head = Sleep(clock, 0.01), Sleep(clock, 0.03), Sleep(clock, 0.01)
         self.calls = 0
 
     def forward(self, x):
         self.calls += 1
         x = self.head(self.head(self.backbone(self.preprocess(x))))
-        time.sleep(0.015)
+        self.clock.now += 0.015
         return x
 
 
 def test_parts_partition_the_run_and_match_known_durations():
-    model = Staged()
+    clock = VirtualClock()
+    model = Staged(clock)
     parts = default_parts(model)
     assert [p.name for p in parts] == ["preprocess", "backbone+FPN", "head"]
     (result,) = benchmark([Candidate("staged", lambda: model(0), 2, parts, [Measure("head calls", [model.head])])],
-                          warmup=2, runs=4)
+                          warmup=2, runs=4, clock=clock)
     assert model.calls == 6 and len(result.times) == 4 and len(result.cpu_times) == 4
     medians = result.part_medians()
-    # Sleeps overshoot by scheduler noise only: each part within a few ms of its sleep.
     for name, expected in [("preprocess", 0.01), ("backbone+FPN", 0.03), ("head", 0.02), (POSTPROCESS, 0.015),
                            ("head calls", 0.02)]:
-        assert expected <= medians[name] < expected + 0.015, (name, medians[name])
+        assert medians[name] == pytest.approx(expected, abs=1e-9), name
+    assert result.median == pytest.approx(0.075, abs=1e-9)
     for run in range(4):  # the parts (not the "of which" measure) sum to each run's wall time
         total = sum(result.parts[name][run] for name in ("preprocess", "backbone+FPN", "head", POSTPROCESS))
         assert total == pytest.approx(result.times[run], rel=1e-9)
-    assert result.images_per_s == pytest.approx(2 / result.median)
+    assert result.images_per_s == pytest.approx(2 / 0.075)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
@@ -110,3 +120,14 @@ def test_cli_bench_compare(capsys, single_thread):
         assert main(["bench", "retinanet/r50_fpn_1x_coco", "--device", "cuda"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "CUDA is not available" in err
+
+
+def test_cli_bench_onnx(capsys, single_thread):
+    from sparsedet.cli import main
+
+    tiny = ["model.backbone.depth=18", "model.backbone.weights=null", "model.fpn.channels=16",
+            "model.head.num_convs=1", "model.backbone.layout=torchvision"]
+    assert main(["bench", "retinanet/r50_fpn_1x_coco", *tiny, "--sizes", "64x96", "--runs", "1", "--warmup", "1",
+                 "--onnx", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "retinanet/r50_fpn_1x_coco (onnxruntime)" in out

@@ -321,13 +321,14 @@ class Result:
 
 
 def benchmark(candidates: Sequence[Candidate], warmup: int = 1, runs: int = 5,
-              device: torch.device | str = "cpu", progress: Optional[Callable[[str], None]] = None) -> list[Result]:
+              device: torch.device | str = "cpu", progress: Optional[Callable[[str], None]] = None,
+              clock: Optional[Callable[[], float]] = None) -> list[Result]:
     """Warm-up, then ``runs`` interleaved timed runs of every candidate (see the module docstring).
-    Calls run under ``torch.inference_mode()``."""
+    Calls run under ``torch.inference_mode()``. ``clock``: seconds now (default ``Clock(device)``)."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     device = torch.device(device)
-    clock, memory = Clock(device), PeakMemory(device)
+    clock, memory = clock or Clock(device), PeakMemory(device)
     timers = [_PartClock(c.parts, c.measures, clock) for c in candidates]
     results = [Result(c.name, c.images, measure_names={m.name for m in c.measures}) for c in candidates]
     try:
@@ -373,11 +374,12 @@ def format_results(results: Sequence[Result], title: str = "") -> str:
     """The comparison table (ratios against the first result) and each breakdown, as text."""
     base = results[0]
     lines = [title] if title else []
-    header = (f"{'model':<36} | {'median ms':>9} | {'min ms':>8} | {'max ms':>8} | {'img/s':>6} | "
+    width = max(12, *(len(r.name) for r in results))
+    header = (f"{'model':<{width}} | {'median ms':>9} | {'min ms':>8} | {'max ms':>8} | {'img/s':>6} | "
               f"{'peak MB':>7} | {'+MB':>5} | {'ratio':>5} | {'min/min':>7} | {'CPU-time':>8}")
     lines += [header, "-" * len(header)]
     for r in results:
-        lines.append(f"{r.name[:36]:<36} | {1000 * r.median:9.1f} | {1000 * r.min:8.1f} | {1000 * r.max:8.1f} | "
+        lines.append(f"{r.name:<{width}} | {1000 * r.median:9.1f} | {1000 * r.min:8.1f} | {1000 * r.max:8.1f} | "
                      f"{r.images_per_s:6.2f} | {r.peak_memory / 2 ** 20:7.0f} | {r.peak_increase / 2 ** 20:5.0f} | {r.median / base.median:5.2f} | "
                      f"{r.min / base.min:7.2f} | "
                      f"{statistics.median(r.cpu_times) / max(statistics.median(base.cpu_times), 1e-9):8.2f}")

@@ -35,13 +35,25 @@ MIN_OPSET = 16
 MAX_EXPORTER_OPSET = 20
 
 
+# Newest ONNX opset each onnxruntime release runs (its release notes); later releases run 20+.
+ORT_MAX_OPSET = {(1, 14): 18, (1, 15): 19, (1, 16): 19, (1, 17): 20}
+
+
 def supported_opsets() -> range:
-    """The opsets this exporter can write and the installed onnxruntime can run."""
+    """The opsets this exporter can write, the installed onnx can check and the installed
+    onnxruntime can run."""
     high = MAX_EXPORTER_OPSET
     try:
         import onnx
         high = min(high, onnx.defs.onnx_opset_version())
     except ImportError:
+        pass
+    try:
+        import onnxruntime
+        version = tuple(int(v) for v in onnxruntime.__version__.split(".")[:2])
+        if version < (1, 17):
+            high = min(high, ORT_MAX_OPSET.get(version, 17))
+    except (ImportError, ValueError):
         pass
     return range(MIN_OPSET, high + 1)
 
