@@ -479,8 +479,9 @@ def onnx_candidate(model: nn.Module, batches: Sequence[Sequence[torch.Tensor]], 
     def call():
         for array in arrays:
             session.run(None, {"images": array})
-    return Candidate(name or f"{getattr(model, 'bench_name', 'model')} (onnxruntime)", call,
-                     sum(len(b) for b in batches))
+    csq = getattr(getattr(getattr(model, "cfg", None), "csq", None), "enabled", False)
+    suffix = " (onnxruntime, dense: CSQ is not exported)" if csq else " (onnxruntime)"
+    return Candidate(name or getattr(model, "bench_name", "model") + suffix, call, sum(len(b) for b in batches))
 
 
 def test_scale(model: nn.Module) -> tuple[int, int]:
