@@ -205,8 +205,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(machine_header(device))
     if device.type == "cpu":
         warn_if_busy()
-    models = [load_detector(args.model, args.overrides, device)]
-    models += [load_detector(spec, (), device) for spec in args.compare]
+    models = []
+    for index, spec in enumerate([args.model, *args.compare]):
+        torch.manual_seed(args.seed + index)  # random-init models: the same weights on every call
+        models.append(load_detector(spec, args.overrides if index == 0 else (), device))
     if args.images:
         from .data.image_io import read_image
         from .data.transforms import resize_shortest_edge
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
                        help="more models on the same inputs: configs, checkpoints, tv:NAME")
     bench.add_argument("--onnx", action="store_true", help="also time each sparsedet model exported to onnxruntime")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="random init seed of model i: SEED + i (default: %(default)s; as benchmarks/ scripts)")
     bench.set_defaults(func=_cmd_bench)
 
     configs = commands.add_parser("configs", help="list the bundled configs")
