@@ -63,8 +63,9 @@ if "--omp-passive" in sys.argv:
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_rcnn_speed import Clock, cpu_model, import_build_model, load_average, parse_size, warn_if_busy  # noqa: E402
+from sparsedet import build_model as sparsedet_build_model  # noqa: E402
+from sparsedet.benchmark import Clock, cpu_model, load_average, parse_size, random_image, warn_if_busy  # noqa: E402
+from sparsedet.benchmark import median_times as harness_median_times  # noqa: E402
 
 BACKBONES = {"resnet50": [], "mobilenet_v2": ["model.backbone.name=mobilenet_v2"]}
 COMMON = ["model.backbone.weights=null"]
@@ -74,24 +75,10 @@ COMMON = ["model.backbone.weights=null"]
 # helpers
 
 
-def random_image(size: tuple[int, int], seed: int) -> torch.Tensor:
-    """(3, H, W) RGB float image in 0-255 (integer values, like a decoded JPEG)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, *size), generator=g).float()
-
-
 def median_times(fns: dict[str, Callable[[], object]], warmup: int, runs: int, clock: Clock) -> dict[str, list[float]]:
-    """Runs every function ``warmup`` times, then ``runs`` times interleaved; seconds per run."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return times
+    """Runs every function ``warmup`` times, then ``runs`` times interleaved; seconds per run
+    (``sparsedet.benchmark``'s harness, on the clock's device)."""
+    return harness_median_times(fns, warmup, runs, "cuda" if clock.cuda else "cpu")
 
 
 def med(values: list[float]) -> float:
@@ -524,7 +511,7 @@ def main(argv=None) -> int:
     if args.checkpoint:
         bench_checkpoint(args, device, clock)
     else:
-        build_model = import_build_model()
+        build_model = sparsedet_build_model
         if args.count_ops:
             bench_count_ops(args, build_model, device)
             args.skip_models = args.skip_sweep = True

@@ -8,8 +8,9 @@ Two measurements, in one run, on the same inputs:
    ``torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``
    at short side 800 and 512 (default sizes ``800x1216`` and ``512x768``, H x W). Warm-up runs,
    then the median of ``--runs`` runs, the two models interleaved run by run. Target: ours/FRCNN
-   <= 1.00. Also a breakdown of our model (preprocess+backbone+FPN / 6-stage head / postprocess)
-   taken with forward hooks (the hooks only read the clock; they do not change the model).
+   <= 1.00. Also a breakdown of both models (preprocess / backbone+FPN / head / postprocess) taken
+   with forward hooks (the hooks only read the clock; they do not change the model). Warm-up,
+   interleaving and breakdown are ``sparsedet.benchmark``'s, the harness ``sparsedet bench`` uses.
 
    Fairness:
    * Both models see the image at exactly the same resolution. Our model takes images at network
@@ -50,15 +51,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import os
 import platform
 import statistics
 import sys
 import time
-import types
-from typing import Optional
 
 # OpenMP reads its environment when torch (libgomp) is loaded, so this must precede `import torch`.
 if "--omp-passive" in sys.argv:
@@ -67,102 +64,13 @@ if "--omp-passive" in sys.argv:
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+from sparsedet import build_model as sparsedet_build_model  # noqa: E402
+from sparsedet.benchmark import (Candidate, Clock, Measure, Part, benchmark, cpu_model, default_parts,  # noqa: E402
+                                 format_results, load_average, parse_size, random_image, warn_if_busy)
+
 
 # --------------------------------------------------------------------------------------------
-# helpers
-
-
-def import_build_model():
-    """``sparsedet.build_model``; tolerates a package ``__init__`` that is mid-edit (imports a module
-    that does not exist yet) by loading ``sparsedet.models`` without the top-level ``__init__``."""
-    try:
-        import sparsedet
-        return sparsedet.build_model
-    except ImportError as exc:
-        sys.modules.pop("sparsedet", None)
-        spec = importlib.util.find_spec("sparsedet")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        print(f"note: `import sparsedet` failed ({exc}); importing sparsedet.models directly", file=sys.stderr)
-        pkg = types.ModuleType("sparsedet")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["sparsedet"] = pkg
-        return importlib.import_module("sparsedet.models").build_model
-
-
-def load_average() -> str:
-    """1/5/15-minute load averages from /proc/loadavg, or '' when unavailable."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return ""
-
-
-def busy_fraction(seconds: float = 1.0) -> Optional[float]:
-    """Share of all CPUs' time spent non-idle over ``seconds`` (from /proc/stat), or None."""
-    def read():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values), idle
-    try:
-        total0, idle0 = read()
-        time.sleep(seconds)
-        total1, idle1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def warn_if_busy() -> None:
-    """Prints the load and warns when other processes already keep the CPUs busy."""
-    load = load_average()
-    busy = busy_fraction()
-    if load:
-        print(f"load average (1/5/15 min): {load}")
-    if busy is None:
-        return
-    print(f"CPU busy before start (1 s sample, all CPUs): {100 * busy:.0f} %")
-    if busy > 0.25:
-        hint = ("" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else
-                "; rerun with --omp-passive (spinning OpenMP threads make every small op wait)")
-        print("WARNING: other processes keep the machine busy: wall times are inflated and noisy; "
-              f"compare the min/min and CPU-time ratios too{hint}")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-class Clock:
-    """Wall clock that synchronises CUDA before reading the time."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
-
-
-def random_image(size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """(3, H, W) RGB float image in 0-255 (integer values, like a decoded JPEG)."""
-    h, w = size
-    return torch.randint(0, 256, (3, h, w), generator=generator).float()
+# helpers (clock, machine report, random images and the timing harness come from sparsedet.benchmark)
 
 
 def random_targets(size: tuple[int, int], num: int, num_classes: int, generator: torch.Generator) -> dict:
@@ -180,38 +88,6 @@ def random_targets(size: tuple[int, int], num: int, num_classes: int, generator:
     return {"boxes": boxes, "labels": labels}
 
 
-class SegmentTimer:
-    """Forward hooks that stamp the clock when given modules start / finish; read-only."""
-
-    def __init__(self, clock: Clock):
-        self.clock = clock
-        self.stamps: dict[str, float] = {}
-        self.totals: dict[str, float] = {}
-        self.handles = []
-
-    def stamp_on(self, module: torch.nn.Module, name: str, accumulate: bool = False) -> None:
-        def pre(_m, _inp):
-            self.stamps[name + ".start"] = self.clock()
-
-        def post(_m, _inp, _out):
-            now = self.clock()
-            self.stamps[name + ".end"] = now
-            if accumulate:
-                self.totals[name] = self.totals.get(name, 0.0) + now - self.stamps[name + ".start"]
-
-        self.handles.append(module.register_forward_pre_hook(pre))
-        self.handles.append(module.register_forward_hook(post))
-
-    def reset(self) -> None:
-        self.stamps.clear()
-        self.totals.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:9.1f}"
 
@@ -220,7 +96,7 @@ def fmt_ms(seconds: float) -> str:
 # 1. inference
 
 
-def build_frcnn(size: tuple[int, int], frozen_bn: bool, device: torch.device, state: Optional[dict] = None):
+def build_frcnn(size: tuple[int, int], frozen_bn: bool, device: torch.device, state=None):
     from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
     h, w = size
     # min_size = short side, max_size = long side => GeneralizedRCNNTransform scale factor 1.0.
@@ -246,8 +122,7 @@ def bench_inference(args, build_model, device: torch.device, clock: Clock) -> bo
     print(f"ours : sparse_rcnn/r50_fpn_100pro_3x, {ours.num_proposals} proposals, "
           f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M params")
     frcnn_state = None
-    gen = torch.Generator().manual_seed(args.seed)
-    rows, breakdowns = [], []
+    rows, reports = [], []
     all_pass = True
     for size in args.sizes:
         torch.manual_seed(args.seed + 1)
@@ -260,72 +135,28 @@ def bench_inference(args, build_model, device: torch.device, clock: Clock) -> bo
             print(f"FRCNN: {name}, "
                   f"{sum(p.numel() for p in frcnn.parameters()) / 1e6:.1f} M params; transform "
                   "min_size/max_size = image short/long side (no resolution change)")
-        images = [random_image(size, gen).to(device) for _ in range(args.batch)]
+        images = [random_image(size, args.seed + i).to(device) for i in range(args.batch)]
         images01 = [img / 255.0 for img in images]  # torchvision detection models expect 0-1
 
-        ours_timer, frcnn_timer = SegmentTimer(clock), SegmentTimer(clock)
-        ours_timer.stamp_on(ours.backbone, "backbone")
-        ours_timer.stamp_on(ours.head, "head")
-        ours_timer.stamp_on(ours.head.pooler, "pooler", accumulate=True)
-        for k, stage in enumerate(ours.head.head_series):
-            ours_timer.stamp_on(stage, f"stage{k}", accumulate=True)
-        frcnn_timer.stamp_on(frcnn.transform, "transform")
-        frcnn_timer.stamp_on(frcnn.backbone, "backbone")
-        frcnn_timer.stamp_on(frcnn.rpn, "rpn")
-        frcnn_timer.stamp_on(frcnn.roi_heads, "roi_heads")
+        # The shared harness: warm-up, then the two models interleaved run by run, hooks that stamp
+        # the end of each part (they only read the clock).
+        ours_c = Candidate("Sparse R-CNN (ours)", lambda: ours(images), len(images), default_parts(ours),
+                           [Measure("RoIAlign pooler", [ours.head.pooler]),
+                            Measure("stage modules", list(ours.head.head_series))])
+        frcnn_c = Candidate("Faster R-CNN", lambda: frcnn(images01), len(images),
+                            [Part("transform (normalise, resize x1.0, pad)", [frcnn.transform]),
+                             Part("backbone+FPN", [frcnn.backbone]), Part("RPN (head, decode, NMS)", [frcnn.rpn]),
+                             Part("RoI heads (pool, MLP, NMS)", [frcnn.roi_heads])])
+        ours_r, frcnn_r = benchmark([ours_c, frcnn_c], args.warmup, args.runs, device)
+        del frcnn
 
-        def run(model, inputs, timer):
-            timer.reset()
-            cpu_start = time.process_time()
-            start = clock()
-            model(inputs)
-            end = clock()
-            cpu = time.process_time() - cpu_start
-            return end - start, dict(timer.stamps, start=start, end=end), dict(timer.totals), cpu
-
-        ours_runs, frcnn_runs = [], []
-        with torch.inference_mode():
-            for _ in range(args.warmup):
-                run(ours, images, ours_timer)
-                run(frcnn, images01, frcnn_timer)
-            for _ in range(args.runs):  # interleaved, so drift hits both models alike
-                ours_runs.append(run(ours, images, ours_timer))
-                frcnn_runs.append(run(frcnn, images01, frcnn_timer))
-        ours_timer.remove()
-        frcnn_timer.remove()
-
-        ours_ms = statistics.median(r[0] for r in ours_runs)
-        frcnn_ms = statistics.median(r[0] for r in frcnn_runs)
-        ratio = ours_ms / frcnn_ms
-        cpu_ratio = statistics.median(r[3] for r in ours_runs) / statistics.median(r[3] for r in frcnn_runs)
+        ratio = ours_r.median / frcnn_r.median
+        cpu_ratio = statistics.median(ours_r.cpu_times) / statistics.median(frcnn_r.cpu_times)
         ok = ratio <= args.target_ratio
         all_pass &= ok
-        rows.append((f"{size[0]}x{size[1]}", ours_ms, frcnn_ms, ratio, ok, cpu_ratio,
-                     min(r[0] for r in ours_runs) / min(r[0] for r in frcnn_runs)))
-
-        def med(runs, fn):
-            return statistics.median(fn(stamps, totals) for _, stamps, totals, _ in runs)
-
-        breakdowns.append((f"{size[0]}x{size[1]}", {
-            "ours": [
-                ("preprocess+backbone+FPN", med(ours_runs, lambda s, t: s["backbone.end"] - s["start"])),
-                ("proposal setup", med(ours_runs, lambda s, t: s["head.start"] - s["backbone.end"])),
-                (f"head ({len(ours.head.head_series)} stages)", med(ours_runs, lambda s, t: s["head.end"] - s["head.start"])),
-                ("  of which RoIAlign pooler", med(ours_runs, lambda s, t: t["pooler"])),
-                ("  of which stage modules", med(ours_runs, lambda s, t: sum(v for k, v in t.items() if k.startswith("stage")))),
-                ("postprocess (top-k, rescale)", med(ours_runs, lambda s, t: s["end"] - s["head.end"])),
-                ("total", ours_ms),
-            ],
-            "frcnn": [
-                ("transform (normalise, resize x1.0, pad)", med(frcnn_runs, lambda s, t: s["transform.end"] - s["start"])),
-                ("backbone+FPN", med(frcnn_runs, lambda s, t: s["backbone.end"] - s["backbone.start"])),
-                ("RPN (head, decode, NMS)", med(frcnn_runs, lambda s, t: s["rpn.end"] - s["rpn.start"])),
-                ("RoI heads (pool, MLP, NMS)", med(frcnn_runs, lambda s, t: s["roi_heads.end"] - s["roi_heads.start"])),
-                ("postprocess (rescale)", med(frcnn_runs, lambda s, t: s["end"] - s["roi_heads.end"])),
-                ("total", frcnn_ms),
-            ],
-        }))
-        del frcnn
+        rows.append((f"{size[0]}x{size[1]}", ours_r.median, frcnn_r.median, ratio, ok, cpu_ratio,
+                     ours_r.min / frcnn_r.min))
+        reports.append((f"{size[0]}x{size[1]}", format_results([ours_r, frcnn_r])))
 
     print()
     header = (f"{'size (HxW)':>11} | {'ours ms':>9} | {'FRCNN ms':>9} | {'ours/FRCNN':>10} | {'target':>7} | "
@@ -338,14 +169,11 @@ def bench_inference(args, build_model, device: torch.device, clock: Clock) -> bo
     print("(ms = median wall time; PASS/FAIL on the median ratio. 'min/min' = ratio of the fastest runs, "
           "'CPU-time' = ratio of median process CPU time; both are less sensitive to other load on the machine)")
 
-    for name, parts in breakdowns:
-        print(f"\nbreakdown at {name} (median ms; hooks on backbone / head / pooler / stages)")
-        for label in ("ours", "frcnn"):
-            total = parts[label][-1][1]
-            print(f"  {'Sparse R-CNN (ours)' if label == 'ours' else 'Faster R-CNN'}:")
-            for part, secs in parts[label]:
-                print(f"    {part:<42} {fmt_ms(secs)}  {100 * secs / total:5.1f} %")
+    for name, report in reports:
+        print(f"\nat {name} (sparsedet.benchmark: ratio to ours, peak memory, breakdown):")
+        print(report)
     return all_pass
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +228,7 @@ def bench_training(args, build_model, device: torch.device, clock: Clock) -> boo
         for short in args.train_sizes:
             long = int(round(short * 1.5 / 32) * 32)
             size = (short, long)
-            images = [random_image(size, gen).to(device) for _ in range(args.train_batch)]
+            images = [random_image(size, args.seed + 10 + i).to(device) for i in range(args.train_batch)]
             for num_targets in args.targets:
                 targets = [{k: v.to(device) for k, v in random_targets(size, num_targets, 80, gen).items()}
                            for _ in range(args.train_batch)]
@@ -497,7 +325,7 @@ def main(argv=None) -> int:
         print("device: cpu")
 
     warn_if_busy()
-    build_model = import_build_model()
+    build_model = sparsedet_build_model
     results = []
     if not args.skip_inference:
         results.append(("inference ours/FRCNN", bench_inference(args, build_model, device, clock)))

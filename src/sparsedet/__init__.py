@@ -7,6 +7,7 @@ Python API::
     model = sparsedet.load("r50_100pro_3x_model.pth")        # ours, or official via the converter
     detections = sparsedet.predict(model, ["image.jpg"])       # resizes to the test scale
     sparsedet.convert_checkpoint("sparse_rcnn", "official.pth", "converted.pth")
+    sparsedet.export_onnx(model.eval(), "model.onnx", dynamic=True)   # onnxruntime-ready
 
 The public names are imported on first use (PEP 562 ``__getattr__``): ``import sparsedet`` and
 the command line's ``--help`` do not pay for importing torch and every model.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "convert_checkpoint": "convert",
     "load": "inference", "predict": "inference",
     "build_model": "models",
+    "export_onnx": "export",
 }
 __all__ = sorted(_EXPORTS)
 

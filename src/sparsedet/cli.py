@@ -258,6 +258,81 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import math
+
+    from .benchmark import load_detector, test_scale
+    from .export import CSQ_NOT_EXPORTED, export_onnx
+
+    if args.model.startswith("tv:"):
+        raise ValueError(f"export takes a sparsedet checkpoint or config, not the torchvision baseline {args.model}")
+    model = load_detector(args.model, args.overrides, "cpu")
+    if args.image_size:
+        size = tuple(args.image_size)
+    else:  # the test scale's short side, with a 3:2 long side rounded up to /32 (COCO's 4:3 images fit)
+        short, long = test_scale(model)
+        size = (short, min(long, int(math.ceil(short * 1.5 / 32) * 32)))
+    output = Path(args.output or Path(args.model).with_suffix("").name + ".onnx")
+    if getattr(getattr(model.cfg, "csq", None), "enabled", False):
+        print(f"note: {CSQ_NOT_EXPORTED}")
+    export_onnx(model, output, image_size=size, dynamic=args.dynamic, batch_size=args.batch,
+                max_detections=args.max_detections, opset=args.opset)
+    shape = f"(B={args.batch}, 3, {'H' if args.dynamic else size[0]}, {'W' if args.dynamic else size[1]})"
+    print(f"wrote {output}: input images {shape} float32 RGB 0-255; outputs boxes (B, {args.max_detections}, 4), "
+          f"scores, labels (B, {args.max_detections}), num_detections (B,)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from .benchmark import (benchmark, check_device, format_results, is_torchvision, load_average, load_detector,
+                            machine_header, model_candidate, onnx_candidate, parse_size, random_image, test_scale,
+                            warn_if_busy)
+
+    device = check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch < 1 or args.runs < 1:
+        raise ValueError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
+    print(machine_header(device))
+    if device.type == "cpu":
+        warn_if_busy()
+    models = []
+    for index, spec in enumerate([args.model, *args.compare]):
+        torch.manual_seed(args.seed + index)  # random-init models: the same weights on every call
+        models.append(load_detector(spec, args.overrides if index == 0 else (), device))
+    if args.images:
+        from .data.image_io import read_image
+        from .data.transforms import resize_shortest_edge
+
+        short, long = test_scale(models[0])
+        images = [resize_shortest_edge(read_image(p), short, long).float().to(device)
+                  for p in expand_image_inputs(args.images)]
+        input_sets = {f"{len(images)} images at short side {short}":
+                      [images[i:i + args.batch] for i in range(0, len(images), args.batch)]}
+    else:
+        sizes = [parse_size(text) for text in args.sizes.split(",") if text]
+        input_sets = {f"{h}x{w}": [[random_image((h, w), seed).to(device) for seed in range(args.batch)]]
+                      for h, w in sizes}
+    with tempfile.TemporaryDirectory() as folder:
+        for title, batches in input_sets.items():
+            candidates = [model_candidate(m, batches) for m in models]
+            if args.onnx:
+                candidates += [onnx_candidate(m, batches, folder, args.threads or torch.get_num_threads())
+                               for m in models if not is_torchvision(m)]
+            results = benchmark(candidates, args.warmup, args.runs, device)
+            print()
+            print(format_results(results, f"=== {title}, batch {args.batch}, {args.warmup} warm-up + "
+                                          f"{args.runs} timed runs, {torch.get_num_threads()} threads ==="))
+    load = load_average()
+    if load:
+        print(f"\nload average at the end (1/5/15 min): {load}")
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from .config import bundled_configs, config_description
 
@@ -388,6 +463,53 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                          help="asag only: keep just this decoder head (the one-head speed model)")
     convert.set_defaults(func=_cmd_convert)
 
+    export = commands.add_parser(
+        "export", help="export a detector to ONNX (whole model in one graph)", formatter_class=formatter,
+        description="Exports MODEL (a checkpoint, or a config: random weights) to ONNX: normalisation, padding, "
+                    "head and post-processing in one graph. Input `images` (B, 3, H, W) float32 RGB 0-255 at "
+                    "network resolution; outputs boxes (B, K, 4), scores (B, K), labels (B, K), num_detections "
+                    "(B,) (rows past num_detections are zeros). Checked with onnx.checker.")
+    export.add_argument("model", help="checkpoint file (.pth/.pkl) or config name / YAML path")
+    export.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: %(default)s)")
+    export.add_argument("--output", help="output file (default: ./<model name>.onnx)")
+    sizes = export.add_mutually_exclusive_group()
+    sizes.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
+                       help="input size of the graph (default: the config's test short side x 1.5, /32)")
+    sizes.add_argument("--dynamic", action="store_true", help="H and W free (any input size)")
+    export.add_argument("--batch", type=int, default=1, help="images per call, fixed (default: %(default)s)")
+    export.add_argument("--max-detections", type=int, default=100, help="K, rows of every output (default: %(default)s)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the newest supported, 16..20)")
+    export.set_defaults(func=_cmd_export)
+
+    bench = commands.add_parser(
+        "bench", help="time models on the same inputs: latency, images/s, memory, per-part breakdown",
+        formatter_class=formatter,
+        description="Times MODEL (and --compare models) on the same inputs in one process: warm-up, then "
+                    "interleaved timed runs; prints median/min/max ms, images/s, peak memory (CPU: process peak "
+                    "RSS; CUDA: max allocated), ratios to MODEL and the per-part breakdown (preprocess, "
+                    "backbone+FPN, head, post-processing). Configs get random weights (cost does not depend "
+                    "on them). Torchvision baselines: tv:fasterrcnn_resnet50_fpn, tv:retinanet_resnet50_fpn, "
+                    "tv:fcos_resnet50_fpn (fed the same pixels /255, without resizing).",
+        epilog="example:\n  sparsedet bench sparse_rcnn/r50_fpn_100pro_3x --compare tv:fasterrcnn_resnet50_fpn "
+               "--sizes 800x1216 --threads 2")
+    bench.add_argument("model", help="config name / YAML path, checkpoint file, or tv:NAME")
+    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for MODEL")
+    bench.add_argument("--images", nargs="+", metavar="FILE",
+                       help="image files, folders or globs, resized to MODEL's test scale (default: random images)")
+    bench.add_argument("--sizes", default="800x1216", help="random-image sizes HxW,... (default: %(default)s)")
+    bench.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    bench.add_argument("--threads", type=int, help="torch (and onnxruntime) intra-op threads (default: torch's)")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per model (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=1, help="warm-up runs per model (default: %(default)s)")
+    bench.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
+                       help="more models on the same inputs: configs, checkpoints, tv:NAME")
+    bench.add_argument("--onnx", action="store_true", help="also time each sparsedet model exported to onnxruntime")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="random init seed of model i: SEED + i (default: %(default)s; as benchmarks/ scripts)")
+    bench.set_defaults(func=_cmd_bench)
+
     configs = commands.add_parser(
         "configs", help="list the bundled configs, one line each", formatter_class=formatter,
         description="Lists the bundled configs with a one-line description each (the first comment line "
@@ -417,18 +539,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     stray = [item for item in extra if not _OVERRIDE.match(item)]
-    if stray or (extra and args.command not in ("train", "eval", "predict")):
+    if stray or (extra and args.command not in ("train", "eval", "predict", "export", "bench")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.command == "train" and isinstance(args.resume, str) and _OVERRIDE.match(args.resume):
         extra.insert(0, args.resume)  # `--resume KEY=VALUE`: the override is not a checkpoint path
         args.resume = True
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "export", "bench"):
         args.overrides = list(args.overrides) + extra
     elif args.command == "predict":
         args.overrides, args.inputs = _split_overrides(list(args.inputs) + extra)
         if not args.inputs:
             parser.error("predict needs at least one image, folder or glob")
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "export", "bench"):
         overrides, stray = _split_overrides(args.overrides)
         if stray:
             parser.error(f"{args.command}: expected KEY=VALUE overrides, got {stray}")

@@ -111,7 +111,7 @@ class MultiLevelRoIAlign(nn.Module):
         out = ref.new_zeros((rois.shape[0], ref.shape[1], self.output_size, self.output_size))
         for index, (level, feature) in enumerate(zip(self.levels, features)):
             selected = torch.nonzero(level_index == index).squeeze(1)
-            if selected.numel() == 0:
+            if selected.numel() == 0 and not torch.jit.is_tracing():  # an exported graph keeps every level
                 continue
             pooled = roi_align(feature, rois[selected].to(feature.dtype), self.output_size,
                                spatial_scale=1.0 / 2 ** level,

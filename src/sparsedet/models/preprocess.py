@@ -1,11 +1,11 @@
 """What every detector does to its input before the backbone, and to its boxes after the head."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -43,14 +43,22 @@ class ImagePreprocessor(nn.Module):
             if self.input_format == "BGR":
                 image = image.flip(0)
             normalised.append((image - self.pixel_mean) / self.pixel_std)
-            if not self._warned_range and image.numel() and image.max() <= 1.0:
+            # (skipped while tracing for ONNX export: a data-dependent Python branch)
+            if not self._warned_range and not torch.jit.is_tracing() and image.numel() and image.max() <= 1.0:
                 warnings.warn("image values are all <= 1: sparsedet models expect 0-255 pixel values "
                               "(multiply by 255)", stacklevel=3)
                 self._warned_range = True
         image_sizes = [tuple(img.shape[-2:]) for img in normalised]
+        # Integer ceil-division keeps H_pad, W_pad traced (0-dim tensors) under ONNX export, where
+        # the sizes are tensors; eagerly they are ints. An exported batch holds one size.
+        heights, widths = [h for h, _ in image_sizes], [w for _, w in image_sizes]
+        height, width = (heights[0], widths[0]) if torch.jit.is_tracing() else (max(heights), max(widths))
         div = self.size_divisor
-        height = int(math.ceil(max(h for h, _ in image_sizes) / div) * div)
-        width = int(math.ceil(max(w for _, w in image_sizes) / div) * div)
+        height, width = (height + div - 1) // div * div, (width + div - 1) // div * div
+        if torch.jit.is_tracing():  # in-place copies into views are lost by the ONNX exporter
+            batch = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1]))
+                                 for image in normalised])
+            return batch, image_sizes
         batch = normalised[0].new_zeros((len(normalised), 3, height, width))
         for slot, image in zip(batch, normalised):
             slot[:, :image.shape[1], :image.shape[2]].copy_(image)
@@ -147,8 +155,14 @@ def rescale_boxes(boxes: Tensor, input_size: tuple[int, int], output_size: Optio
     """Maps (K, 4) xyxy boxes from the network input's (H, W) to ``output_size`` (per-axis scale)
     and clips them to it. ``output_size=None`` only clips to the input."""
     height, width = output_size if output_size is not None else input_size
-    scale = boxes.new_tensor([width / input_size[1], height / input_size[0]] * 2)
-    boxes = boxes * scale
-    return torch.stack((boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)), dim=1)
+    # Sizes may be 0-dim tensors (ONNX export traces them); as_tensor keeps both cases exact.
+    height, width = (torch.as_tensor(v, dtype=boxes.dtype, device=boxes.device) for v in (height, width))
+    in_height, in_width = (torch.as_tensor(v, dtype=boxes.dtype, device=boxes.device) for v in input_size)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    x_scale, y_scale = width / in_width, height / in_height
+    zero = boxes.new_zeros(())
+    return torch.stack((torch.minimum(torch.maximum(x1 * x_scale, zero), width),
+                        torch.minimum(torch.maximum(y1 * y_scale, zero), height),
+                        torch.minimum(torch.maximum(x2 * x_scale, zero), width),
+                        torch.minimum(torch.maximum(y2 * y_scale, zero), height)), dim=1)
 

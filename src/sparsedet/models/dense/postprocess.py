@@ -25,6 +25,14 @@ from ...layers.box_ops import class_aware_nms
 from ..preprocess import rescale_boxes
 
 
+def topk_count(k: int, num_rows):
+    """``min(k, num_rows)``; ``num_rows`` is a 0-dim tensor when traced for ONNX export, and the
+    result must stay a traced value there (a Python ``min`` would freeze the export-time count)."""
+    if isinstance(num_rows, Tensor):
+        return torch.clamp(num_rows, max=int(k))
+    return min(int(k), num_rows)
+
+
 class LevelOutputs(NamedTuple):
     """One image's head outputs on one level (dense or sparse), rows ordered position-major."""
 
@@ -50,7 +58,7 @@ def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: 
     """
     logits, deltas, anchors = level
     num_rows, num_classes = logits.shape
-    top_logits, flat_index = logits.flatten().topk(min(int(topk_candidates), num_rows))  # sorted, descending
+    top_logits, flat_index = logits.flatten().topk(topk_count(topk_candidates, num_rows))  # sorted, descending
     rows = torch.div(flat_index, num_classes, rounding_mode="floor")
     boxes = box_coder.decode(deltas.index_select(0, rows).float(), anchors.index_select(0, rows).float())
     return Candidates(boxes, top_logits.float().sigmoid(), flat_index % num_classes)

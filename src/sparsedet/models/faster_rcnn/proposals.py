@@ -8,6 +8,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from ...layers.box_coder import BoxCoder
+from ..dense.postprocess import topk_count
 
 
 class RPNLevelOutputs(NamedTuple):
@@ -34,11 +35,10 @@ def select_proposals(levels: Sequence[RPNLevelOutputs], box_coder: BoxCoder, ima
     """
     boxes, scores, level_ids = [], [], []
     for lv in levels:
-        k = min(int(pre_nms_topk), lv.objectness.shape[0])
-        top, index = lv.objectness.float().topk(k)
+        top, index = lv.objectness.float().topk(topk_count(pre_nms_topk, lv.objectness.shape[0]))
         boxes.append(box_coder.decode(lv.deltas[index].float(), lv.anchors[index].float()))
         scores.append(top)
-        level_ids.append(torch.full((k,), lv.level, dtype=torch.int64, device=top.device))
+        level_ids.append(torch.full_like(index, lv.level))
     boxes, scores, level_ids = torch.cat(boxes), torch.cat(scores), torch.cat(level_ids)
     finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
     boxes = clip_boxes_to_image(boxes[finite], tuple(image_size))

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..dense.postprocess import Candidates, merge_detections
+from ..dense.postprocess import Candidates, merge_detections, topk_count
 
 
 class FCOSLevelOutputs(NamedTuple):
@@ -28,7 +28,7 @@ def fcos_level_candidates(level: FCOSLevelOutputs, topk_candidates: int) -> Cand
     logits, ltrb, centerness, points = level
     num_rows, num_classes = logits.shape
     scores = (logits.float().sigmoid() * centerness.float().sigmoid()[:, None]).sqrt().flatten()
-    scores, flat_index = scores.topk(min(int(topk_candidates), num_rows))
+    scores, flat_index = scores.topk(topk_count(topk_candidates, num_rows))
     rows = torch.div(flat_index, num_classes, rounding_mode="floor")
     labels = flat_index % num_classes
     d, p = ltrb.index_select(0, rows).float(), points.index_select(0, rows).float()

@@ -73,7 +73,9 @@ class SparseRCNN(nn.Module):
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
         batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
         features = list(self.backbone(batch).values())
-        whwh = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=batch.dtype, device=batch.device)
+        # stack/as_tensor rather than torch.tensor: under ONNX export the sizes are traced tensors.
+        whwh = torch.stack([torch.stack([torch.as_tensor(v, dtype=batch.dtype, device=batch.device)
+                                         for v in (w, h, w, h)]) for h, w in image_sizes])
         # Normalised (cx, cy, w, h) -> xyxy in each image's own un-padded pixels.
         cxcywh = self.init_proposal_boxes.weight
         xyxy = torch.cat((cxcywh[:, :2] - 0.5 * cxcywh[:, 2:], cxcywh[:, :2] + 0.5 * cxcywh[:, 2:]), dim=1)

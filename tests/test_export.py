@@ -1,0 +1,154 @@
+"""ONNX export: onnxruntime's detections equal PyTorch's on real images, for every detector; dynamic
+input sizes; one clear error for each bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from sparsedet.export import ExportableDetector, export_onnx, onnx_session, supported_opsets  # noqa: E402
+from sparsedet.models import build_model  # noqa: E402
+
+R18 = {"depth": 18, "weights": None}
+# Tiny versions of every detector; score threshold 0 so random weights still give many detections,
+# and a prior of 0.2 gives scores around the threshold (the parity check needs detections through
+# every step: threshold, NMS, top-k, padding).
+TINY_MODELS = {
+    "sparse_rcnn": {"name": "sparse_rcnn", "num_classes": 5, "backbone": R18, "hidden_dim": 32,
+                    "fpn": {"channels": 32}, "num_proposals": 12, "num_stages": 2, "dim_feedforward": 64,
+                    "dim_dynamic": 8, "loss": {"prior_prob": 0.2}},
+    "retinanet": {"name": "retinanet", "num_classes": 5, "backbone": R18, "fpn": {"channels": 32},
+                  "head": {"num_convs": 1, "prior_prob": 0.2}, "test": {"score_threshold": 0.0, "topk_candidates": 50}},
+    "querydet": {"name": "querydet", "num_classes": 5, "backbone": R18, "fpn": {"channels": 32},
+                 "head": {"num_convs": 1, "prior_prob": 0.2}, "query": {"num_convs": 1},
+                 "test": {"score_threshold": 0.0, "topk_candidates": 50}},
+    "fcos": {"name": "fcos", "num_classes": 5, "backbone": R18, "fpn": {"channels": 32},
+             "head": {"num_convs": 1, "prior_prob": 0.2}, "test": {"score_threshold": 0.0, "topk_candidates": 50}},
+    "faster_rcnn": {"name": "faster_rcnn", "num_classes": 5, "backbone": R18, "fpn": {"channels": 32},
+                    "roi_heads": {"representation_size": 32, "score_threshold": 0.0},
+                    "rpn": {"pre_nms_topk_test": 100, "post_nms_topk_test": 40}},
+}
+SCORE_THRESHOLD = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    pass
+
+
+def real_images(shared_data, size, count=1):
+    """``count`` tiny_coco val images resized to (H, W), RGB 0-255 float."""
+    from sparsedet.data.image_io import read_image
+
+    paths = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:count]
+    images = [read_image(p).float() for p in paths]
+    return torch.stack([torch.nn.functional.interpolate(im[None], size=size, mode="bilinear",
+                                                        align_corners=False)[0].round() for im in images])
+
+
+def assert_same_detections(onnx_outputs, torch_detections, max_detections):
+    """Same detections above SCORE_THRESHOLD: count equal, each matched in order (scores 1e-4,
+    boxes 1e-2 px, labels equal)."""
+    boxes, scores, labels, counts = onnx_outputs
+    for b, expected in enumerate(torch_detections):
+        n = int(counts[b])
+        assert n == min(len(expected["scores"]), max_detections)
+        assert (scores[b, n:] == 0).all()
+        got_scores = torch.from_numpy(scores[b, :n])
+        keep_onnx = got_scores > SCORE_THRESHOLD
+        keep_torch = expected["scores"][:max_detections] > SCORE_THRESHOLD
+        assert int(keep_onnx.sum()) == int(keep_torch.sum()) > 0
+        torch.testing.assert_close(got_scores[keep_onnx], expected["scores"][:max_detections][keep_torch],
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(boxes[b, :n])[keep_onnx],
+                                   expected["boxes"][:max_detections][keep_torch], atol=1e-2, rtol=0)
+        assert torch.equal(torch.from_numpy(labels[b, :n])[keep_onnx],
+                           expected["labels"][:max_detections][keep_torch].to(torch.int64))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_onnxruntime_matches_pytorch_on_real_images(name, tmp_path, shared_data):
+    """One dynamic export per detector, run at the traced size and at two others (neither a
+    multiple of 32: the padding is inside the graph)."""
+    torch.manual_seed(0)
+    model = build_model({"model": TINY_MODELS[name]}).eval()
+    path = export_onnx(model, tmp_path / f"{name}.onnx", image_size=(96, 128), dynamic=True, max_detections=30)
+    session = onnx_session(path, threads=1)
+    for size in [(96, 128), (80, 112), (128, 90)]:
+        images = real_images(shared_data, size)
+        outputs = session.run(None, {"images": images.numpy()})
+        assert [o.shape for o in outputs] == [(1, 30, 4), (1, 30), (1, 30), (1,)]
+        with torch.no_grad():
+            expected = model(list(images))
+        assert_same_detections(outputs, expected, 30)
+
+
+def test_querydet_with_csq_exports_the_dense_model(tmp_path, shared_data):
+    torch.manual_seed(0)
+    model = build_model({"model": {**TINY_MODELS["querydet"], "csq": {"enabled": True}}}).eval()
+    path = export_onnx(model, tmp_path / "q.onnx", image_size=(96, 128), max_detections=30)  # static size
+    assert model.cfg.csq.enabled  # restored after the export
+    images = real_images(shared_data, (96, 128))
+    model.cfg.csq.enabled = False
+    with torch.no_grad():
+        dense = model(list(images))
+    assert_same_detections(onnx_session(path).run(None, {"images": images.numpy()}), dense, 30)
+
+
+def test_padding_wrapper_counts_and_zero_fills():
+    class Fixed(torch.nn.Module):
+        training = False
+
+        def forward(self, images):
+            return [{"boxes": torch.ones(n, 4), "scores": torch.full((n,), 0.5), "labels": torch.full((n,), 2)}
+                    for n in (3, 7)]
+
+    boxes, scores, labels, counts = ExportableDetector(Fixed(), max_detections=5)(torch.zeros(2, 3, 8, 8))
+    assert counts.tolist() == [3, 5]
+    assert boxes.shape == (2, 5, 4) and scores[0].tolist() == [0.5] * 3 + [0.0] * 2
+    assert labels[0].tolist() == [2, 2, 2, 0, 0]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    model = build_model({"model": TINY_MODELS["retinanet"]})
+    with pytest.raises(ValueError, match="eval-mode model: call model.eval"):
+        export_onnx(model, tmp_path / "m.onnx")
+    model.eval()
+    with pytest.raises(ValueError, match=r"opset 7 is not supported: choose 16\.\."):
+        export_onnx(model, tmp_path / "m.onnx", opset=7)
+    with pytest.raises(FileNotFoundError, match="output folder .*missing does not exist"):
+        export_onnx(model, tmp_path / "missing" / "m.onnx")
+    assert supported_opsets()[0] == 16
+
+
+def test_cli_export(tmp_path, capsys):
+    from sparsedet.cli import main
+
+    out = tmp_path / "r.onnx"
+    overrides = ["model.backbone.depth=18", "model.backbone.layout=torchvision", "model.backbone.weights=null",
+                 "model.fpn.channels=32", "model.head.num_convs=1", "model.num_classes=3"]
+    assert main(["export", "retinanet/r50_fpn_1x_coco", "--output", str(out), "--image-size", "64", "96",
+                 *overrides]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    assert main(["export", "retinanet/r50_fpn_1x_coco", "--output", str(tmp_path / "no" / "r.onnx"),
+                 *overrides]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_export_checkpoint_dynamic(tmp_path, capsys, shared_data):
+    from sparsedet.checkpoint import save_atomic
+    from sparsedet.cli import main
+
+    torch.manual_seed(0)
+    model = build_model({"model": TINY_MODELS["sparse_rcnn"]}).eval()
+    save_atomic({"model": model.state_dict(), "config": model.config}, tmp_path / "tiny.pth")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", str(tmp_path / "tiny.pth"), "--output", str(out), "--dynamic",
+                 "--max-detections", "12"]) == 0
+    assert "(B=1, 3, H, W)" in capsys.readouterr().out
+    images = real_images(shared_data, (70, 90))
+    with torch.no_grad():
+        expected = model(list(images))
+    assert_same_detections(onnx_session(out).run(None, {"images": images.numpy()}), expected, 12)
