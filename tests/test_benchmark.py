@@ -117,7 +117,7 @@ def test_cli_bench_compare(capsys, single_thread):
     out = capsys.readouterr().out
     assert "=== 64x96, batch 1" in out and "retinanet/mobilenetv2_fpn_cpu" in out and "breakdown of" in out
     if not torch.cuda.is_available():
-        assert main(["bench", "retinanet/r50_fpn_1x_coco", "--device", "cuda"]) == 1
+        assert main(["bench", "retinanet/r50_fpn_1x_coco", "--device", "cuda"]) == 2  # wrong device: exit 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "CUDA is not available" in err
 

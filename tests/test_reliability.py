@@ -329,3 +329,16 @@ def test_the_data_report_is_logged_once_per_set(tmp_path, tiny_data, caplog):
         Trainer(config, tmp_path / "run", progress=False)
     summaries = [r for r in caplog.records if "image skipped: cannot decode: 1" in r.getMessage()]
     assert len(summaries) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_folder_given_to_predict_lists_every_kind_of_image_a_single_file_may_be(tmp_path):
+    """One rule for files and folders: a GIF that predicts alone is also found inside a folder."""
+    from PIL import Image
+
+    from sparsedet.cli import expand_image_inputs
+
+    for name in ("a.gif", "b.png", "c.JPG"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format={"gif": "GIF", "png": "PNG", "JPG": "JPEG"}[name[2:]])
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in expand_image_inputs([str(tmp_path)])] == ["a.gif", "b.png", "c.JPG"]
+    assert [p.name for p in expand_image_inputs([str(tmp_path / "*")])] == ["a.gif", "b.png", "c.JPG"]

@@ -105,7 +105,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 DEFAULT_PREDICT_OUTPUT = "outputs/predict"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def expand_image_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -115,6 +114,8 @@ def expand_image_inputs(inputs: Sequence[str]) -> list[Path]:
         FileNotFoundError: an input matches nothing (names it).
     """
     import glob
+
+    from .data.image_io import IMAGE_SUFFIXES
 
     paths: list[Path] = []
     for item in inputs:

@@ -14,6 +14,10 @@ import torch
 from PIL import Image, ImageOps
 
 # EXIF orientations 5-8 rotate by 90 or 270 degrees, so the displayed image has H and W swapped.
+# File suffixes read as images wherever a folder is listed (predict, YOLO sets): what PIL decodes, GIF
+# (first frame) included, so a file that works alone also works inside a folder.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
 

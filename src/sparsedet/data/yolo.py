@@ -16,9 +16,9 @@ import yaml
 
 from . import records as R
 from .records import DetectionDataset, DetectionRecord, LoadReport, logger
+from .image_io import IMAGE_SUFFIXES
 from .validation import check_mode, clean_boxes, inspect_images, resolve_image_size
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 def load_class_names(source: Union[Sequence[str], str, Path]) -> list[str]:
