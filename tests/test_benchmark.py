@@ -119,7 +119,7 @@ def test_cli_bench_compare(capsys, single_thread):
     if not torch.cuda.is_available():
         assert main(["bench", "retinanet/r50_fpn_1x_coco", "--device", "cuda"]) == 2  # wrong device: exit 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "CUDA is not available" in err
+        assert err.count("\n") == 0 and "no CUDA device is visible" in err
 
 
 def test_cli_bench_onnx(capsys, single_thread):
