@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...config import ConfigError
-from ..backbones import BackboneConfig, FPNConfig
+from ..backbones import BackboneConfig, DeformableEncoderConfig, FPNConfig
 
 # model.setting -> per-setting anchor-generator values (spec section 1.4.1 / 4).
 SETTINGS = {
@@ -14,7 +14,7 @@ SETTINGS = {
     300: dict(anchors_per_fixed_patch=150, anchors_per_probe_patch=50, keep_threshold=0.05,
               min_anchors=50, max_anchors=500, nms_threshold=0.7),
 }
-DECODER_TYPES = ("adamixer", "sparse_rcnn")
+DECODER_TYPES = ("adamixer", "sparse_rcnn", "deformable")
 TEST_HEADS = ("main", "aux_0", "aux_1", "aux_2")
 INFERENCE_LEVELS = ("P3P6", "P4P6", "P5P6")
 
@@ -115,12 +115,17 @@ class ASAGConfig:
     Attributes:
         name: ``asag``.
         num_classes: C foreground classes.
-        backbone, fpn: see ``BackboneConfig`` / ``FPNConfig``; ASAG needs P2..P5 (``out_levels``
+        backbone, fpn: see ``BackboneConfig`` / ``FPNConfig``; ASAG-A/-S need P2..P5 (``out_levels``
             [2, 3, 4, 5]): the generator reads P3..P5, RoIAlign and the heads P2..P5.
+        encoder: ASAG-D only (``decoder_type: deformable``): the deformable encoder neck that
+            replaces the FPN (see ``DeformableEncoderConfig``; levels E3..E6, strides 8..64): the
+            generator reads E3..E5, RoIAlign and the heads E3..E6. ``fpn`` is then unused.
         input_format, pixel_mean, pixel_std: ``null`` = the backbone weights' convention.
         size_divisor: batches are padded to a multiple of this (32).
         setting: 100 or 300: the paper's query settings (K1/K2, eta_f, anchor bounds, test NMS).
-        decoder_type: ``adamixer`` (ASAG-A) or ``sparse_rcnn`` (ASAG-S).
+        decoder_type: ``adamixer`` (ASAG-A), ``sparse_rcnn`` (ASAG-S) or ``deformable`` (ASAG-D:
+            deformable encoder + Deformable-DETR decoder layers; the reconstruction of spec §3.3,
+            no official code or checkpoint exists).
         num_heads_decoder: parallel one-layer heads (4: aux_0..aux_2 and main). 1 builds only
             one head, named ``main`` (the one-head speed model; convert with ``keep_head``).
         test_head: head whose detections are returned: ``main`` (head 3) or ``aux_0``..``aux_2``.
@@ -130,6 +135,8 @@ class ASAGConfig:
         activation: ``gelu`` (official) or ``relu`` in the RPN block and the heads.
         adamixer_in_points, adamixer_out_points, adamixer_groups: AdaMixer sampling points per
             group, mixed output points, groups (32 / 128 / 4).
+        deformable_points, deformable_feedforward: ASAG-D heads: deformable cross-attention
+            points per attention head and level (4) and FFN width (1024), Deformable DETR's values.
         detections_per_image: top-k over the Q x C scores at test (100).
         test_nms_threshold: class-wise NMS IoU at test; ``null`` = the setting's (none / 0.7).
         anchors, loss, denoising: see their dataclasses.
@@ -139,6 +146,7 @@ class ASAGConfig:
     num_classes: int = 80
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
+    encoder: DeformableEncoderConfig = field(default_factory=DeformableEncoderConfig)
     input_format: Optional[str] = None
     pixel_mean: Optional[tuple] = None
     pixel_std: Optional[tuple] = None
@@ -156,6 +164,8 @@ class ASAGConfig:
     adamixer_in_points: int = 32
     adamixer_out_points: int = 128
     adamixer_groups: int = 4
+    deformable_points: int = 4
+    deformable_feedforward: int = 1024
     detections_per_image: int = 100
     test_nms_threshold: Optional[float] = None
     anchors: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)

@@ -4,7 +4,8 @@ Every head receives the same detached initial boxes and the same query content p
 learned embedding row (``decoder_embedding``, N(0, 1) init). Heads 0..2 are the auxiliary ones
 ("aux_0".."aux_2"), the last head is "main"; the released checkpoints are each evaluated with one
 chosen head. Head modules are stored under the official attribute names: ``bbox_head`` for AdaMixer
-heads (ASAG-A), ``head_series`` for Sparse R-CNN heads (ASAG-S).
+heads (ASAG-A), ``head_series`` for Sparse R-CNN heads (ASAG-S); ASAG-D's Deformable-DETR heads
+(no official code) under ``deformable_head``.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .adamixer import AdaMixerStage
+from .deformable_stage import DeformableStage
 from .iof_attention import padded_query_mask
 from .sparse_stage import SparseStage
 
 __all__ = ["DECODER_TYPES", "ParallelDecoder", "head_names"]
 
 # decoder type -> attribute holding its heads (the official state-dict prefix)
-DECODER_TYPES = {"adamixer": "bbox_head", "sparse_rcnn": "head_series"}
+DECODER_TYPES = {"adamixer": "bbox_head", "sparse_rcnn": "head_series", "deformable": "deformable_head"}
 
 
 def head_names(num_heads: int) -> list[str]:
@@ -29,7 +31,7 @@ def head_names(num_heads: int) -> list[str]:
 
 class ParallelDecoder(nn.Module):
     """Args:
-        decoder_type: ``adamixer`` (ASAG-A) or ``sparse_rcnn`` (ASAG-S).
+        decoder_type: ``adamixer`` (ASAG-A), ``sparse_rcnn`` (ASAG-S) or ``deformable`` (ASAG-D).
         num_classes: C.
         num_heads: number of parallel heads (official ``num_decoder_layers`` = 4; 1 for a
             one-head deployment).
@@ -38,14 +40,17 @@ class ParallelDecoder(nn.Module):
         dim_feedforward: FFN width (2048).
         activation: ``gelu`` (official) / ``relu`` / ``silu``.
         adamixer_points: (in_points, out_points, groups) of the AdaMixer heads (32, 128, 4).
-        strides: pixel strides of the feature levels P2..P5 (4, 8, 16, 32).
+        strides: pixel strides of the feature levels: P2..P5 (4, 8, 16, 32); ASAG-D's encoder
+            levels E3..E6 (8, 16, 32, 64).
         dropout: dropout inside the heads (official 0.0).
+        deformable_points, deformable_feedforward: ASAG-D heads: sampling points per attention head
+            and level (4), FFN width (1024).
     """
 
     def __init__(self, decoder_type: str, num_classes: int, num_heads: int = 4, content_dim: int = 256,
                  num_attention_heads: int = 8, dim_feedforward: int = 2048, activation: str = "gelu",
                  adamixer_points: Sequence[int] = (32, 128, 4), strides: Sequence[int] = (4, 8, 16, 32),
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, deformable_points: int = 4, deformable_feedforward: int = 1024):
         super().__init__()
         if decoder_type not in DECODER_TYPES:
             raise ValueError(f"model.decoder_type must be one of {sorted(DECODER_TYPES)}, got {decoder_type!r}")
@@ -60,6 +65,9 @@ class ParallelDecoder(nn.Module):
             stages = [AdaMixerStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
                                     in_points, out_points, groups, strides, dropout=dropout)
                       for _ in range(num_heads)]
+        elif decoder_type == "deformable":
+            stages = [DeformableStage(num_classes, content_dim, num_attention_heads, deformable_feedforward,
+                                      deformable_points, strides, dropout=dropout) for _ in range(num_heads)]
         else:
             levels = [int(s).bit_length() - 1 for s in strides]
             stages = [SparseStage(num_classes, content_dim, num_attention_heads, dim_feedforward, activation,
@@ -78,17 +86,18 @@ class ParallelDecoder(nn.Module):
 
     def initial_boxes(self, proposals: dict) -> Tensor:
         """The heads' initial boxes from the relation block's output (detached): the refined
-        ``xyzr`` for AdaMixer heads, the normalized cxcywh proposal ``boxes`` for Sparse R-CNN heads."""
+        ``xyzr`` for AdaMixer heads, the normalized cxcywh proposal ``boxes`` for Sparse R-CNN and
+        Deformable-DETR heads."""
         return (proposals["xyzr"] if self.decoder_type == "adamixer" else proposals["boxes"]).detach()
 
     def forward(self, features: Sequence[Tensor], content: Tensor, init_boxes: Tensor, image_sizes: Tensor,
                 valid: Tensor, heads: Optional[Sequence[int]] = None, blocked: Optional[Tensor] = None) -> list[dict]:
         """
         Args:
-            features: P2..P5, each (B, d, H_l, W_l).
+            features: P2..P5 (ASAG-D: E3..E6), each (B, d, H_l, W_l).
             content: (B, Q, d) refined query content from the relation block.
             init_boxes: (B, Q, 4) initial boxes, detached: xyzr (stride-4 units) for ``adamixer``,
-                image-normalized cxcywh for ``sparse_rcnn``.
+                image-normalized cxcywh for ``sparse_rcnn`` and ``deformable``.
             image_sizes: (B, 2) un-padded (h, w).
             valid: (B, Q) bool, True for real queries.
             heads: indices of the heads to run (None = all), e.g. ``[2]`` to evaluate aux_2 only.

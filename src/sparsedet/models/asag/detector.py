@@ -3,7 +3,9 @@
 Pipeline (spec section 1.0): backbone + FPN (P2..P5) -> anchor generator on P3..P5 -> relation
 block ("rpn": RoIAlign content queries, one IoF self-attention layer, supervised proposals) ->
 four parallel one-layer heads (AdaMixer for ASAG-A, Sparse R-CNN for ASAG-S) fed the same
-detached proposals. Training supervises the anchors, the proposals and every head; inference
+detached proposals. ASAG-D (``decoder_type: deformable``, spec §3.3, a reconstruction without
+official code) swaps the FPN for a deformable encoder (E3..E6, strides 8..64: the generator reads
+E3..E5) and the heads for Deformable-DETR decoder layers. Training supervises the anchors, the proposals and every head; inference
 returns one head (``model.test_head``).
 
 The anchors of the last forward are kept in ``model.last_anchors`` (a ``GeneratedAnchors``:
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from ...config import ConfigError
 from ...layers.box_ops import box_xyxy_to_cxcywh
-from ..backbones import build_backbone
+from ..backbones import build_backbone, build_deformable_backbone
 from ..criterion import average_num_boxes
 from ..preprocess import build_preprocessor, preprocess_inputs
 from .anchor_generator import AnchorGenerator, GeneratedAnchors
@@ -47,19 +49,31 @@ class ASAG(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
-        if tuple(cfg.fpn.out_levels) != (2, 3, 4, 5):
+        self.deformable = cfg.decoder_type == "deformable"
+        if self.deformable:
+            if cfg.encoder.num_levels != 4 or tuple(cfg.encoder.in_stages)[0] != 3:
+                raise ConfigError(f"ASAG-D needs model.encoder levels at strides 8, 16, 32 (anchors) and 64: "
+                                  f"in_stages starting at 3 and num_levels 4, got in_stages "
+                                  f"{list(cfg.encoder.in_stages)} and num_levels {cfg.encoder.num_levels}")
+        elif tuple(cfg.fpn.out_levels) != (2, 3, 4, 5):
             raise ConfigError(f"model.fpn.out_levels must be [2, 3, 4, 5] for ASAG, got {list(cfg.fpn.out_levels)}")
         self.preprocess = build_preprocessor(cfg)
-        self.backbone = build_backbone(cfg.backbone, cfg.fpn)
+        self.backbone = (build_deformable_backbone(cfg.backbone, cfg.encoder) if self.deformable
+                         else build_backbone(cfg.backbone, cfg.fpn))
+        # Feature levels (log2 strides) of the maps the model runs on; the generator reads 8/16/32.
+        self.feature_levels = (3, 4, 5, 6) if self.deformable else (2, 3, 4, 5)
         d = self.backbone.out_channels
         if d != cfg.hidden_dim:
             raise ConfigError(f"model.fpn.channels ({d}) must equal model.hidden_dim ({cfg.hidden_dim})")
         self.anchor_generator = AnchorGenerator(cfg, d)
-        self.rpn = RelationBlock(cfg.num_classes, d, cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation)
+        self.rpn = RelationBlock(cfg.num_classes, d, cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation,
+                                 pooler_levels=self.feature_levels)
         self.decoder = ParallelDecoder(cfg.decoder_type, cfg.num_classes, cfg.num_heads_decoder, d,
                                        cfg.num_attention_heads, cfg.dim_feedforward, cfg.activation,
                                        (cfg.adamixer_in_points, cfg.adamixer_out_points, cfg.adamixer_groups),
-                                       dropout=cfg.dropout)
+                                       strides=[2 ** level for level in self.feature_levels], dropout=cfg.dropout,
+                                       deformable_points=cfg.deformable_points,
+                                       deformable_feedforward=cfg.deformable_feedforward)
         self.test_head_index = cfg.test_head_index()
         self.nms_threshold = (cfg.test_nms_threshold if cfg.test_nms_threshold is not None
                               else SETTINGS[cfg.setting]["nms_threshold"])
@@ -73,7 +87,8 @@ class ASAG(nn.Module):
             raise ConfigError("model.fast_inference=true is an inference-only path (early stop and patch cap); "
                               "set model.fast_inference=false for training")
         batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
-        features = [f.float() for f in self.backbone(batch).values()]
+        maps = self.backbone(batch, _sizes_tensor(image_sizes, batch.device)) if self.deformable else self.backbone(batch)
+        features = [f.float() for f in maps.values()]
         # Autocast (solver.amp) covers only the backbone and FPN, as in the official code.
         with torch.autocast(batch.device.type, enabled=False):
             return self._forward_heads(features, image_sizes, targets, original_sizes)
@@ -82,7 +97,8 @@ class ASAG(nn.Module):
         device = features[0].device
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)          # (B, 2) (h, w)
         prepared = [self._prepare_target(t, size) for t, size in zip(targets, image_sizes)] if self.training else None
-        anchors = self.anchor_generator(features[1:4], image_sizes, targets if self.training else None,
+        stride8 = self.feature_levels.index(3)
+        anchors = self.anchor_generator(features[stride8:stride8 + 3], image_sizes, targets if self.training else None,
                                         fast=self.cfg.fast_inference)
         self.last_anchors = _detached(anchors)
         boxes, valid = anchors.boxes, anchors.valid
@@ -139,6 +155,11 @@ class ASAG(nn.Module):
                 f"model.num_heads_decoder={self.cfg.num_heads_decoder} (model.test_head={self.cfg.test_head!r}); "
                 f"a one-head checkpoint needs model.num_heads_decoder=1 model.test_head=main")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _sizes_tensor(image_sizes, device) -> Tensor:
+    """[(h, w)] -> (B, 2) int64 tensor."""
+    return torch.tensor(image_sizes, dtype=torch.int64, device=device).view(-1, 2)
 
 
 def _detached(anchors: GeneratedAnchors) -> GeneratedAnchors:

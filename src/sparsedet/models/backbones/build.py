@@ -101,14 +101,19 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def build_backbone(backbone: BackboneConfig, fpn: FPNConfig) -> BackboneWithFPN:
+def build_body(backbone: BackboneConfig) -> nn.Module:
+    """The ResNet / MobileNetV2 body of ``model.backbone`` (random init; see ``load_body_weights``).
+    Its ``out_channels`` maps ``c2``..``c5`` to channel counts."""
     if backbone.name == "resnet":
-        body = ResNetBody(backbone.depth, backbone.layout, backbone.frozen_bn, backbone.freeze_at,
+        return ResNetBody(backbone.depth, backbone.layout, backbone.frozen_bn, backbone.freeze_at,
                           backbone.trainable_bn_affine)
-    elif backbone.name == "mobilenet_v2":
-        body = MobileNetV2Body(backbone.frozen_bn, backbone.freeze_at)
-    else:
-        raise ConfigError(f"model.backbone.name must be 'resnet' or 'mobilenet_v2', got {backbone.name!r}")
+    if backbone.name == "mobilenet_v2":
+        return MobileNetV2Body(backbone.frozen_bn, backbone.freeze_at)
+    raise ConfigError(f"model.backbone.name must be 'resnet' or 'mobilenet_v2', got {backbone.name!r}")
+
+
+def build_backbone(backbone: BackboneConfig, fpn: FPNConfig) -> BackboneWithFPN:
+    body = build_body(backbone)
     if fpn.top_block not in TOP_BLOCKS:
         raise ConfigError(f"model.fpn.top_block must be one of {sorted(TOP_BLOCKS)}, got {fpn.top_block!r}")
     lacking = [s for s in fpn.in_stages if f"c{s}" not in body.out_channels]
