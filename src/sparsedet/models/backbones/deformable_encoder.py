@@ -6,9 +6,9 @@
 
 The output maps keep the input layout (B, channels, H_l, W_l), strides 8/16/32/64, so that RoIAlign
 and the ASAG anchor generator read them like FPN levels. Padding: the per-level masks come from the
-un-padded image sizes; padded cells give no value to the attention and reference points are
-scaled by the valid ratios (Deformable DETR), so an image's encoding does not depend on the padding
-that other images of the batch add.
+un-padded image sizes; padded cells give no value to the attention, reference points are scaled
+by the valid ratios and positions are normalised by the valid extent (Deformable DETR). As there,
+the GroupNorm statistics and the convolutions near the image border still see the padding.
 """
 from __future__ import annotations
 
