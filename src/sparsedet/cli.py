@@ -440,7 +440,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None, help="training steps (default: the demo config's)")
     demo.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
     demo.add_argument("--device", help="cpu or cuda (default: cpu)")
-    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos", "tsp_rcnn", "asag_a", "asag_s"],
+    demo.add_argument("--model", default="querydet", choices=["querydet", "sparse_rcnn", "tsp_fcos", "tsp_rcnn", "asag_a", "asag_s", "asag_d"],
                       help="detector to train (default: %(default)s; Sparse R-CNN converges slowly: its demo "
                            "config runs 3000 steps, about 25 min on 2 cores)")
     demo.add_argument("--resume", action="store_true",

@@ -29,7 +29,8 @@ DEFAULT_MODEL = "querydet"
 # boxes but not yet the classes, so its demo config runs 3000 steps.
 DEMO_CONFIGS = {"sparse_rcnn": "sparse_rcnn/mobilenetv2_fpn_demo", "querydet": "querydet/mobilenetv2_fpn_demo",
                 "tsp_fcos": "tsp_fcos/mobilenetv2_fpn_demo", "tsp_rcnn": "tsp_rcnn/mobilenetv2_fpn_demo",
-                "asag_a": "asag/a_mobilenetv2_fpn_demo", "asag_s": "asag/s_mobilenetv2_fpn_demo"}
+                "asag_a": "asag/a_mobilenetv2_fpn_demo", "asag_s": "asag/s_mobilenetv2_fpn_demo",
+                "asag_d": "asag/d_mobilenetv2_demo"}
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 40, 320
 # Objects from 12 px (small by COCO's rule) to half the image side, 2-6 per image.
 MIN_OBJECT_SIZE, OBJECTS_PER_IMAGE = 12, (2, 6)
@@ -232,7 +233,11 @@ def describe_model(config: dict) -> str:
     model = config["model"]
     backbone = f"{model['backbone']['name']}-FPN, {model['fpn']['channels']} channels"
     if model["name"] == "asag":
-        heads = "AdaMixer" if model["decoder_type"] == "adamixer" else "Sparse R-CNN"
+        heads = {"adamixer": "AdaMixer", "sparse_rcnn": "Sparse R-CNN", "deformable": "Deformable-DETR"}[model["decoder_type"]]
+        if model["decoder_type"] == "deformable":
+            encoder = model["encoder"]
+            backbone = (f"{model['backbone']['name']} + {encoder['num_layers']}-layer deformable encoder, "
+                        f"{encoder['channels']} channels")
         return (f"ASAG-{heads[0]} ({backbone}, adaptive sparse anchors (setting {model['setting']}), "
                 f"{model['num_heads_decoder']} parallel one-layer {heads} heads, tested with {model['test_head']})")
     if model["name"] == "sparse_rcnn":
