@@ -9,5 +9,7 @@ Query and decoder heads (this package's lower half):
 * :mod:`.relation_block` RoIAlign content queries + one self-attention layer + proposals (``rpn``).
 * :mod:`.sampling_3d`, :mod:`.adaptive_mixing`, :mod:`.adamixer`  the AdaMixer stage (ASAG-A).
 * :mod:`.sparse_stage`   the Sparse R-CNN stage (ASAG-S), built on ``models/sparse_rcnn/head.py``.
+* :mod:`.deformable_stage` one Deformable-DETR decoder layer (ASAG-D, spec §3.3 reconstruction), built
+  on ``layers/deformable_transformer.py``; its neck is ``models/backbones/deformable_encoder.py``.
 * :mod:`.decoder`        four parallel one-layer heads with per-head embeddings.
 """

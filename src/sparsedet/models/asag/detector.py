@@ -148,7 +148,7 @@ class ASAG(nn.Module):
         """``nn.Module.load_state_dict`` that names the missing decoder heads clearly (a one-head
         checkpoint loaded into a four-head model, or the reverse)."""
         heads_in_file = sorted({int(k.split(".")[2]) for k in state_dict
-                                if k.startswith(("decoder.bbox_head.", "decoder.head_series."))})
+                                if k.startswith(("decoder.bbox_head.", "decoder.head_series.", "decoder.deformable_head."))})
         if strict and heads_in_file and len(heads_in_file) != self.cfg.num_heads_decoder:
             raise ConfigError(
                 f"the checkpoint has {len(heads_in_file)} decoder head(s) but the model is built with "
