@@ -189,7 +189,7 @@ class TSPRCNN(nn.Module):
     def refine(self, stage: int, deltas: Tensor, boxes: Sequence[Tensor], image_sizes) -> list[Tensor]:
         """The next cascade stage's proposals: this stage's class-agnostic boxes, detached and clipped."""
         decoded = self.box_coders[stage].decode(deltas.detach(), torch.cat(list(boxes)))
-        return [clip_boxes_to_image(b, tuple(size)) for b, size in zip(decoded.split([len(x) for x in boxes]), image_sizes)]
+        return [clip_boxes_to_image(b, tuple(size)) for b, size in zip(decoded.split([x.shape[0] for x in boxes]), image_sizes)]
 
     def box_head_losses(self, roi_features: Sequence[Tensor], proposals: Sequence[tuple[Tensor, Tensor]],
                         targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
