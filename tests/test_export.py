@@ -143,6 +143,13 @@ def test_tsp_and_asag_onnxruntime_matches_pytorch(name, tmp_path, shared_data):
         assert len(counts) == len(sizes), f"the sizes did not change the {name} set size: {counts}"
 
 
+def test_asag_fast_inference_is_refused_in_one_line(tmp_path):
+    config, overrides, _ = TINY_CONFIGS["asag_a"]
+    model = build_model(config, overrides + ["model.fast_inference=true"]).eval()
+    with pytest.raises(ValueError, match="model.fast_inference=true is not exported"):
+        export_onnx(model, tmp_path / "fast.onnx", image_size=(64, 64))
+
+
 def test_asag_traceable_anchor_choices_equal_the_eager_branches():
     """The tensor forms used while tracing pick the same anchors, in the same order, as the
     Python branches of eager mode."""

@@ -101,13 +101,22 @@ def _per_image(model: nn.Module, images: list[Tensor]) -> list[dict]:
     return [model([image])[0] for image in images]
 
 
+def _asag(model: nn.Module, images: list[Tensor]) -> list[dict]:
+    """ASAG's default inference path, one image at a time. The ``fast_inference`` variant (early
+    stop and per-image patch cap) is not made traceable."""
+    if model.cfg.fast_inference:
+        raise ValueError("ASAG with model.fast_inference=true is not exported: export with "
+                         "model.fast_inference=false (the default inference path)")
+    return _per_image(model, images)
+
+
 # Detector class name -> adapter. Classes not listed use ``model(images)`` as it is.
 EXPORT_ADAPTERS: dict[str, Callable[[nn.Module, list[Tensor]], list[dict]]] = {
     "QueryDet": _querydet_dense,
     "FCOS": _querydet_dense,
     "FasterRCNN": _querydet_dense,
     "TSPRCNN": _per_image,
-    "ASAG": _per_image,
+    "ASAG": _asag,
 }
 
 
