@@ -32,6 +32,40 @@ TINY_MODELS = {
 }
 SCORE_THRESHOLD = 0.05
 
+# TSP and ASAG: bundled configs shrunk by overrides, traced at 96x128, run at sizes where their
+# data-dependent set sizes differ from the traced ones (TSP-RCNN's proposals after NMS: pre-NMS
+# top-50 per level; ASAG's adaptive anchors: the min_anchors fallback at 96x128, kept fixed anchors
+# plus P4 probing at 200x264). ASAG's classifier biases are zeroed so that random weights score
+# above SCORE_THRESHOLD; a high_threshold of 0.535 keeps some fixed anchors out of probing.
+TSP_RCNN = ["model.backbone.depth=18", "model.backbone.layout=torchvision", "model.backbone.weights=null",
+            "model.fpn.channels=32", "model.num_classes=5", "model.rpn.pre_nms_topk_test=50",
+            "model.rpn.num_proposals=1000", "model.roi_heads.d_model=64", "model.roi_heads.num_heads=4",
+            "model.roi_heads.num_layers=1", "model.roi_heads.dim_feedforward=64", "model.roi_heads.score_threshold=0.0"]
+ASAG = ["model.backbone.depth=18", "model.backbone.weights=null", "model.hidden_dim=64", "model.fpn.channels=64",
+        "model.dim_feedforward=128", "model.anchors.compress_hidden=8", "model.num_classes=3",
+        "model.anchors.high_threshold=0.535"]
+TINY_CONFIGS = {
+    "tsp_fcos": ("tsp_fcos/mobilenetv2_fpn_cpu",
+                 ["model.backbone.weights=null", "model.num_classes=5", "model.fpn.channels=32",
+                  "model.head.num_groups=8", "model.transformer.d_model=32", "model.transformer.nhead=2",
+                  "model.transformer.dim_feedforward=64", "model.foi.num_foi=50", "model.head.prior_prob=0.2",
+                  "model.test.score_threshold=0.0"], [(96, 128), (80, 112), (128, 90)]),
+    "tsp_rcnn": ("tsp_rcnn/r50_fpn_3x", TSP_RCNN, [(96, 128), (80, 112), (128, 90)]),
+    "tsp_rcnn_cascade": ("tsp_rcnn/r50_fpn_cascade", TSP_RCNN, [(96, 128), (80, 112), (128, 90)]),
+    "asag_a": ("asag/a_r50_fpn_100q_1x", ASAG, [(96, 128), (200, 264)]),        # setting 100: top-k only
+    "asag_s": ("asag/s_r50_fpn_300q_3x", ASAG, [(96, 128), (200, 264)]),        # setting 300: with NMS
+}
+
+
+def set_size(model) -> int:
+    """The data-dependent set size of the last call: proposals (TSP-RCNN) or anchors (ASAG);
+    TSP-FCOS keeps a fixed number of FoIs (its per-level candidate counts vary instead)."""
+    if getattr(model, "last_rois", None) is not None:
+        return len(model.last_rois[0]["boxes"])
+    if getattr(model, "last_anchors", None) is not None:
+        return int(model.last_anchors.boxes.shape[1])
+    return 0
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
@@ -83,6 +117,72 @@ def test_onnxruntime_matches_pytorch_on_real_images(name, tmp_path, shared_data)
         with torch.no_grad():
             expected = model(list(images))
         assert_same_detections(outputs, expected, 30)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tsp_and_asag_onnxruntime_matches_pytorch(name, tmp_path, shared_data):
+    """Traced at 96x128 (dynamic), run at other sizes; every detection compared (K = 100 = the
+    models' own maximum), and the proposal / anchor counts differ from size to size."""
+    config, overrides, sizes = TINY_CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(config, overrides).eval()
+    for param_name, param in model.named_parameters():
+        if name.startswith("asag") and param_name.endswith(("fc_cls.bias", "class_logits.bias")):
+            torch.nn.init.zeros_(param)
+    path = export_onnx(model, tmp_path / f"{name}.onnx", image_size=(96, 128), dynamic=True, max_detections=100)
+    session = onnx_session(path, threads=1)
+    counts = set()
+    for size in sizes:
+        images = real_images(shared_data, size)
+        outputs = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            expected = model(list(images))
+        counts.add(set_size(model))
+        assert_same_detections(outputs, expected, 100)
+    if not name.startswith("tsp_fcos"):
+        assert len(counts) == len(sizes), f"the sizes did not change the {name} set size: {counts}"
+
+
+def test_asag_fast_inference_is_refused_in_one_line(tmp_path):
+    config, overrides, _ = TINY_CONFIGS["asag_a"]
+    model = build_model(config, overrides + ["model.fast_inference=true"]).eval()
+    with pytest.raises(ValueError, match="model.fast_inference=true is not exported"):
+        export_onnx(model, tmp_path / "fast.onnx", image_size=(64, 64))
+
+
+def test_asag_traceable_anchor_choices_equal_the_eager_branches():
+    """The tensor forms used while tracing pick the same anchors, in the same order, as the
+    Python branches of eager mode."""
+    from sparsedet.models.asag.anchor_generator import _best_if_over, _fixed_part_choice
+
+    scores = torch.rand(12, generator=torch.Generator().manual_seed(0))
+    for threshold in (0.2, 0.9):  # enough anchors kept / too few (-> the 5 best of all)
+        keep = scores > threshold
+        expected = scores.topk(5).indices if int(keep.sum()) < 5 else keep.nonzero().squeeze(1)
+        assert torch.equal(_fixed_part_choice(scores, keep, 5), expected)
+    assert torch.equal(_best_if_over(scores, 20), torch.arange(12))
+    assert torch.equal(_best_if_over(scores, 4), scores.topk(4).indices)
+
+
+def test_traceable_attention_equals_pytorch():
+    import torch.nn.functional as F
+
+    from sparsedet.export_attention import traceable_attention
+
+    torch.manual_seed(0)
+    original = F.multi_head_attention_forward
+    for batch_first in (False, True):
+        mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        x = torch.randn(2, 7, 16) if batch_first else torch.randn(7, 2, 16)
+        bias, padding = torch.randn(8, 7, 7), torch.zeros(2, 7, dtype=torch.bool)
+        padding[1, 5:] = True
+        for kwargs in ({}, {"attn_mask": bias}, {"attn_mask": bias > 1, "key_padding_mask": padding}):
+            expected = mha(x, x, x, need_weights=True, **kwargs)
+            with traceable_attention():
+                got = mha(x, x, x, need_weights=True, **kwargs)
+            torch.testing.assert_close(got[0], expected[0])
+            torch.testing.assert_close(got[1], expected[1])
+    assert F.multi_head_attention_forward is original
 
 
 def test_querydet_with_csq_exports_the_dense_model(tmp_path, shared_data):

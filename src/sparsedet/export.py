@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .export_attention import traceable_attention
+
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 # RoiAlign with aligned=True (half_pixel) needs opset 16; the TorchScript exporter stops at 20.
 MIN_OPSET = 16
@@ -92,11 +94,29 @@ def _querydet_dense(model: nn.Module, images: list[Tensor]) -> list[dict]:
         return model(images)
 
 
+def _per_image(model: nn.Module, images: list[Tensor]) -> list[dict]:
+    """One image per call: TSP-RCNN's proposals and ASAG's anchors are per-image sets of
+    data-dependent size, which a batch pads with Python counts (frozen by a trace); one image
+    needs no padding, and its set size stays a traced value."""
+    return [model([image])[0] for image in images]
+
+
+def _asag(model: nn.Module, images: list[Tensor]) -> list[dict]:
+    """ASAG's default inference path, one image at a time. The ``fast_inference`` variant (early
+    stop and per-image patch cap) is not made traceable."""
+    if model.cfg.fast_inference:
+        raise ValueError("ASAG with model.fast_inference=true is not exported: export with "
+                         "model.fast_inference=false (the default inference path)")
+    return _per_image(model, images)
+
+
 # Detector class name -> adapter. Classes not listed use ``model(images)`` as it is.
 EXPORT_ADAPTERS: dict[str, Callable[[nn.Module, list[Tensor]], list[dict]]] = {
     "QueryDet": _querydet_dense,
     "FCOS": _querydet_dense,
     "FasterRCNN": _querydet_dense,
+    "TSPRCNN": _per_image,
+    "ASAG": _asag,
 }
 
 
@@ -175,9 +195,12 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: Sequence[i
         warnings.simplefilter("ignore")
         # No torch.no_grad() here: with gradients off nn.MultiheadAttention takes its fused fast
         # path (aten::_native_multi_head_attention), which has no ONNX mapping.
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+        # traceable_attention: attention over a data-dependent number of queries (TSP-RCNN
+        # proposals, ASAG anchors) would otherwise keep the export-time count.
+        with traceable_attention():
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=list(OUTPUT_NAMES),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
     model.eval()  # the exporter restores the wrapper's mode recursively; keep the caller's model in eval
     if check:
         import onnx

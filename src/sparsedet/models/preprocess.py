@@ -151,6 +151,15 @@ def check_targets(targets, num_images: int, num_classes: int, image_sizes: Seque
                              f"[0, {num_classes}) (num_classes={num_classes}; labels are contiguous 0-based)")
 
 
+def image_sizes_tensor(image_sizes: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32,
+                       device=None) -> Tensor:
+    """The B (H, W) image sizes as a (B, 2) tensor. Under ONNX export the sizes are traced 0-dim
+    tensors: stacking them keeps them traced, where ``torch.tensor(image_sizes)`` would freeze the
+    export-time size into the graph."""
+    return torch.stack([torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in size])
+                        for size in image_sizes])
+
+
 def rescale_boxes(boxes: Tensor, input_size: tuple[int, int], output_size: Optional[tuple[int, int]]) -> Tensor:
     """Maps (K, 4) xyxy boxes from the network input's (H, W) to ``output_size`` (per-axis scale)
     and clips them to it. ``output_size=None`` only clips to the input."""

@@ -58,10 +58,15 @@ class AdaptiveMixing(nn.Module):
         s = s.reshape(batch * num_queries, groups, self.out_points, points)
         x = sampled.reshape(batch * num_queries, groups, points, channels)
         x = torch.matmul(x, m)                                                   # channel mixing
-        x = self.act1(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
+        x = self.act1(F.layer_norm(x, _static(x.shape[-2:])))
         x = torch.matmul(s, x)                                                   # spatial mixing
-        x = self.act2(F.layer_norm(x, [x.shape[-2], x.shape[-1]]))
+        x = self.act2(F.layer_norm(x, _static(x.shape[-2:])))
         return query + self.out_proj(x.reshape(batch, num_queries, self.out_proj.in_features))
+
+
+def _static(shape) -> list[int]:
+    """Python ints of fixed dims (points, channels): an ONNX trace needs a constant normalised shape."""
+    return [int(v) for v in shape]
 
 
 class AdaptiveSamplingMixing(nn.Module):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..preprocess import image_sizes_tensor
 from .config import ASAGConfig
 from .patches import (crop_positions, cut_patches, ground_truth_patches, patch_to_image, random_patches,
                       select_patches)
@@ -127,7 +128,7 @@ class AnchorGenerator(nn.Module):
     def _predict(self, tokens: Tensor, level: int, mlp: MLP, k: int) -> Tensor:
         """(n, 225, 8) patch tokens -> (n, K, 5) sigmoided coordinates + score logit."""
         x = self.layernorm[level](tokens) + self.pos_embedding[level].weight
-        out = mlp(x.flatten(1)).view(len(tokens), k, 5)
+        out = mlp(x.flatten(1)).view(tokens.shape[0], k, 5)
         return torch.cat((out[..., :4].sigmoid(), out[..., 4:]), dim=-1)
 
     @staticmethod
@@ -149,7 +150,7 @@ class AnchorGenerator(nn.Module):
         grids = []
         for b, (h, w) in enumerate(image_sizes):
             # Each image's own valid region is resized (a batched resize would shift anchors).
-            rows, cols = max(1, round(h / 32)), max(1, round(w / 32))
+            rows, cols = _p5_cells(h), _p5_cells(w)
             grids.append(F.interpolate(compressed[b:b + 1, :, :rows, :cols], size=(self.grid, self.grid),
                                        mode="bilinear", align_corners=False))
         grid = torch.cat(grids)                                                   # (B, 8, 30, 30)
@@ -167,7 +168,7 @@ class AnchorGenerator(nn.Module):
             coords = raw[:, :5, :, :4].clone()
             for q, (ox, oy) in enumerate(QUARTER_OFFSETS):
                 coords[:, q] = coords[:, q] * 0.5 + coords.new_tensor([ox, oy, 0.0, 0.0])
-            whwh = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=coords.dtype, device=coords.device)
+            whwh = image_sizes_tensor(image_sizes, coords.dtype, coords.device)[:, [1, 0, 1, 0]]
             pixels = coords.flatten(1, 2) * whwh[:, None]
             prob = raw[:, :5, :, 4].flatten(1).sigmoid()
             prob = torch.where((pixels[..., 2:] < 3.0).any(-1), torch.zeros_like(prob), prob)
@@ -181,7 +182,11 @@ class AnchorGenerator(nn.Module):
         maps = {"P4": p4, "P3": p3}
         device = p5.device
         batch = len(image_sizes)
-        sizes_wh = torch.tensor([[w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
+        sizes_wh = image_sizes_tensor(image_sizes, torch.float32, device)[:, [1, 0]]
+        # An ONNX trace records one path through the Python branches below: when tracing, every
+        # data-dependent shortcut (early stop, empty levels) is skipped; the full path gives the
+        # same anchors on empty tensors.
+        tracing = torch.jit.is_tracing()
         cfg = self.cfg.anchors
         training = self.training
         targets_as_generated = training and int(self.train_steps) < cfg.target_patch_iters
@@ -212,7 +217,7 @@ class AnchorGenerator(nn.Module):
                 counts = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(
                     0, current_image, selected.sum(-1))
                 selected &= (counts >= cfg.fast_stop_below)[current_image][:, None]
-            if not training and not selected.any():
+            if not training and not tracing and not selected.any():
                 break  # official: stop only when nothing in the whole batch is selected (eval)
 
             # Patches around the selected anchors (none while ground-truth patches stand in).
@@ -227,18 +232,18 @@ class AnchorGenerator(nn.Module):
                 crop_images = current_image[rows[chosen]]
                 crops = crop_positions(current[rows[chosen], cols[chosen], :2], stride, sizes_wh[crop_images],
                                        self.patch_size)
-            generated = torch.ones(len(crops), dtype=torch.bool, device=device)
+            generated = torch.ones_like(crops[:, 0], dtype=torch.bool)
 
             # "Correct and replace": anchors sent to probing are dropped from this level.
             keep = current[..., 4] > self.keep_threshold
             if not targets_as_generated:
-                keep &= ~selected
+                keep = keep & ~selected
             self._gather(kept, kept_levels, current, current_image, keep, is_fixed, current_level)
 
             if training:
                 crops, crop_images, generated = self._complete_training_patches(
                     crops, crop_images, stride, image_sizes, targets, targets_as_generated)
-            if len(crops) == 0:
+            if not tracing and len(crops) == 0:
                 current = current.new_zeros(0, self.k_probe, 5)
                 current_image = current_image[:0]
                 current_level, is_fixed = int(name[1]), False
@@ -261,18 +266,21 @@ class AnchorGenerator(nn.Module):
                 is_fixed: bool, level: int) -> None:
         """Appends each image's kept anchors; on the fixed part an image keeping fewer than
         ``min_anchors`` takes its ``min_anchors`` best among all of them instead."""
+        tracing = torch.jit.is_tracing()
         for b in range(len(kept)):
             rows = (image_index == b).nonzero(as_tuple=True)[0]
-            if len(rows) == 0:
+            if not tracing and len(rows) == 0:
                 continue
             image_anchors = anchors[rows].reshape(-1, 5)
             image_keep = keep[rows].reshape(-1)
-            if is_fixed and int(image_keep.sum()) < self.min_anchors:
+            if is_fixed and tracing:
+                chosen = image_anchors[_fixed_part_choice(image_anchors[:, 4], image_keep, self.min_anchors)]
+            elif is_fixed and int(image_keep.sum()) < self.min_anchors:
                 chosen = image_anchors[image_anchors[:, 4].topk(min(self.min_anchors, len(image_anchors))).indices]
             else:
                 chosen = image_anchors[image_keep]
             kept[b].append(chosen)
-            kept_levels[b].append(torch.full((len(chosen),), level, dtype=torch.int64, device=anchors.device))
+            kept_levels[b].append(torch.full_like(chosen[:, 4], level, dtype=torch.int64))
 
     def _complete_training_patches(self, crops, crop_images, stride, image_sizes, targets, targets_as_generated):
         """Adds ground-truth and random patches until each image has ``min_training_patches``
@@ -308,11 +316,19 @@ class AnchorGenerator(nn.Module):
         per_image, per_level = [], []
         for anchors, levels in zip(kept, kept_levels):
             anchors, levels = torch.cat(anchors), torch.cat(levels)
-            if len(anchors) > self.max_anchors:
+            if torch.jit.is_tracing():
+                best = _best_if_over(anchors[:, 4], self.max_anchors)
+                anchors, levels = anchors[best], levels[best]
+            elif len(anchors) > self.max_anchors:
                 best = anchors[:, 4].topk(self.max_anchors).indices
                 anchors, levels = anchors[best], levels[best]
             per_image.append(anchors)
             per_level.append(levels)
+        if len(per_image) == 1:  # one image: nothing to pad (and no Python count for an ONNX trace)
+            anchors, levels = per_image[0], per_level[0]
+            return GeneratedAnchors(anchors[None, :, :4].contiguous(), anchors[None, :, 4].contiguous(),
+                                    torch.ones_like(levels, dtype=torch.bool)[None],
+                                    levels[None], patches)
         q = max(len(a) for a in per_image)
         batch = len(per_image)
         device = sizes_wh.device
@@ -327,3 +343,34 @@ class AnchorGenerator(nn.Module):
             valid[b, :n] = True
             levels[b, :n] = level
         return GeneratedAnchors(boxes, scores, valid, levels, patches)
+
+
+# ---------------------------------------------------------------- traceable forms (ONNX export)
+def _p5_cells(size):
+    """P5 cells of an image side: ``max(1, round(size / 32))`` (round half to even, as Python's
+    ``round``); a traced 0-dim size stays a traced value."""
+    if isinstance(size, Tensor):
+        return torch.clamp(torch.round(size / 32), min=1).to(torch.int64)
+    return max(1, round(size / 32))
+
+
+def _fixed_part_choice(scores: Tensor, keep: Tensor, min_anchors: int) -> Tensor:
+    """The fixed part's choice of ``_gather`` without a Python branch: the kept anchors in their
+    order, or, when fewer than ``min_anchors`` are kept, the ``min(min_anchors, n)`` best by score.
+    Returns indices into ``scores`` (n,)."""
+    n = scores.shape[0]
+    position = torch.arange(n, device=scores.device)
+    too_few = keep.sum() < min_anchors
+    # One top-k serves both cases: by score, or by reversed position among the kept (= their order).
+    in_order = torch.where(keep, (n - position).to(scores.dtype), torch.full_like(scores, -1.0))
+    count = torch.where(too_few, torch.clamp(torch.ones_like(position).sum(), max=min_anchors), keep.sum())
+    return torch.where(too_few, scores, in_order).topk(count).indices
+
+
+def _best_if_over(scores: Tensor, max_anchors: int) -> Tensor:
+    """``_pad``'s cap without a Python branch: all n indices in order, or the ``max_anchors`` best by
+    score when n > ``max_anchors``."""
+    count = torch.clamp(torch.ones_like(scores, dtype=torch.int64).sum(), max=max_anchors)
+    best = scores.topk(count).indices
+    return torch.where(torch.ones_like(scores, dtype=torch.int64).sum() > max_anchors, best,
+                       torch.arange(scores.shape[0], device=scores.device)[:max_anchors])

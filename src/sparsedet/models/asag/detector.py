@@ -24,7 +24,7 @@ from ...config import ConfigError
 from ...layers.box_ops import box_xyxy_to_cxcywh
 from ..backbones import build_backbone, build_deformable_backbone
 from ..criterion import average_num_boxes
-from ..preprocess import build_preprocessor, preprocess_inputs
+from ..preprocess import build_preprocessor, image_sizes_tensor, preprocess_inputs
 from .anchor_generator import AnchorGenerator, GeneratedAnchors
 from .anchor_loss import anchor_losses
 from .config import SETTINGS, ASAGConfig
@@ -95,7 +95,7 @@ class ASAG(nn.Module):
 
     def _forward_heads(self, features, image_sizes, targets, original_sizes):
         device = features[0].device
-        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)          # (B, 2) (h, w)
+        sizes = image_sizes_tensor(image_sizes, torch.float32, device)                 # (B, 2) (h, w)
         prepared = [self._prepare_target(t, size) for t, size in zip(targets, image_sizes)] if self.training else None
         stride8 = self.feature_levels.index(3)
         anchors = self.anchor_generator(features[stride8:stride8 + 3], image_sizes, targets if self.training else None,

@@ -50,15 +50,18 @@ def cut_patches(features: Tensor, crops: Tensor, image_index: Tensor, patch_size
         (n, P*P, D) tokens, position index ``y * P + x`` (row-major). Cells beyond the map (images
         smaller than a patch) read 0.
     """
-    pad_h = max(0, int(crops[:, 1].max()) + patch_size - features.shape[2]) if len(crops) else 0
-    pad_w = max(0, int(crops[:, 0].max()) + patch_size - features.shape[3]) if len(crops) else 0
+    if torch.jit.is_tracing():  # an ONNX trace cannot size the padding from the crops: pad a whole patch
+        pad_h = pad_w = patch_size
+    else:
+        pad_h = max(0, int(crops[:, 1].max()) + patch_size - features.shape[2]) if len(crops) else 0
+        pad_w = max(0, int(crops[:, 0].max()) + patch_size - features.shape[3]) if len(crops) else 0
     if pad_h or pad_w:
         features = F.pad(features, (0, pad_w, 0, pad_h))
     offsets = torch.arange(patch_size, device=features.device)
     rows = (crops[:, 1:2].to(features.device) + offsets)[:, :, None]       # (n, P, 1)
     cols = (crops[:, 0:1].to(features.device) + offsets)[:, None, :]       # (n, 1, P)
     tokens = features[image_index.to(features.device)[:, None, None], :, rows, cols]  # (n, P, P, D)
-    return tokens.reshape(len(crops), patch_size * patch_size, features.shape[1])
+    return tokens.reshape(crops.shape[0], patch_size * patch_size, features.shape[1])
 
 
 def patch_to_image(anchors: Tensor, crops: Tensor, stride: int, sizes_wh: Tensor, patch_size: int = 15,
@@ -94,12 +97,16 @@ def select_patches(centers: Tensor, scores: Tensor, image_index: Tensor, stride:
     Returns:
         (k,) int64 into the inputs, grouped by image (ascending), best score first within an image.
     """
-    if len(centers) == 0:
+    if not torch.jit.is_tracing() and len(centers) == 0:
         return torch.empty(0, dtype=torch.int64, device=centers.device)
     half = patch_size * stride / 2
     squares = torch.cat((centers - half, centers + half), dim=1)
     keep = batched_nms(squares.float(), scores.float(), image_index, nms_threshold)  # score order
-    keep = keep[torch.sort(image_index[keep], stable=True).indices]
+    if torch.jit.is_tracing():  # ONNX has no stable sort: unique keys (image, rank) sort the same way
+        rank = torch.arange(keep.shape[0], device=keep.device)
+        keep = keep[torch.argsort(image_index[keep] * keep.shape[0] + rank)]
+    else:
+        keep = keep[torch.sort(image_index[keep], stable=True).indices]
     if max_per_image is not None:
         rank = _rank_within_groups(image_index[keep])
         keep = keep[rank < max_per_image]

@@ -9,7 +9,8 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ...layers.box_ops import box_cxcywh_to_xyxy
-from ..preprocess import rescale_boxes
+from ..dense.postprocess import topk_count
+from ..preprocess import image_sizes_tensor, rescale_boxes
 
 
 @torch.no_grad()
@@ -33,12 +34,11 @@ def postprocess(logits: Tensor, boxes: Tensor, valid: Tensor, image_sizes: Seque
     results = []
     num_classes = logits.shape[-1]
     for b, (h, w) in enumerate(image_sizes):
-        count = int(valid[b].sum())
-        scores = logits[b, :count].sigmoid().flatten()
-        top, index = scores.topk(min(detections_per_image, scores.numel()))
+        scores = logits[b][valid[b]].sigmoid().flatten()  # the valid queries are the first ones
+        top, index = scores.topk(topk_count(detections_per_image, scores.shape[0]))
         labels = index % num_classes
         query = torch.div(index, num_classes, rounding_mode="floor")
-        xyxy = box_cxcywh_to_xyxy(boxes[b, query].float()) * top.new_tensor([w, h, w, h])
+        xyxy = box_cxcywh_to_xyxy(boxes[b, query].float()) * image_sizes_tensor([(h, w)], top.dtype, top.device)[:, [1, 0, 1, 0]]
         if nms_threshold is not None:
             keep = batched_nms(xyxy, top, labels, nms_threshold)
             xyxy, top, labels = xyxy[keep], top[keep], labels[keep]

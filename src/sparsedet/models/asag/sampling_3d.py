@@ -88,6 +88,7 @@ def sampling_3d(points: Tensor, features: Sequence[Tensor], strides: Sequence[in
     channels = features[0].shape[1]
     out = points.new_zeros(batch, num_queries, num_groups, num_points // num_groups, channels // num_groups)
     for value, stride, weight in zip(features, strides, weights):
-        extent = value.new_tensor([value.shape[3], value.shape[2]]) * stride
+        # stack, not new_tensor: an ONNX trace keeps the map's (dynamic) size instead of freezing it
+        extent = torch.stack([torch.as_tensor(v, device=value.device) for v in (value.shape[3], value.shape[2])]).to(value.dtype) * stride
         out = out + sample_level(value, xy / extent, weight, num_groups)
     return out

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dense.postprocess import Candidates, merge_detections
+from ..dense.postprocess import Candidates, merge_detections, topk_count
 
 
 def tsp_fcos_detections(logits: Tensor, boxes: Tensor, levels: Tensor, num_levels: int, topk_candidates: int,
@@ -29,8 +29,7 @@ def tsp_fcos_detections(logits: Tensor, boxes: Tensor, levels: Tensor, num_level
     for level in range(num_levels):
         rows = (levels == level).nonzero().squeeze(1)
         probs = logits.index_select(0, rows).float().sigmoid().flatten()
-        k = min(int(topk_candidates), probs.numel())
-        top, flat = probs.topk(k)
+        top, flat = probs.topk(topk_count(topk_candidates, probs.shape[0]))  # shape, not numel(): traced for ONNX
         keep = top > score_threshold
         top, flat = top[keep], flat[keep]
         picked = rows[torch.div(flat, num_classes, rounding_mode="floor")]

@@ -19,7 +19,7 @@ from ..backbones import build_backbone
 from ..dense.iou_matcher import IoUMatcher
 from ..faster_rcnn.proposals import RPNLevelOutputs, select_proposals
 from ..faster_rcnn.rpn import label_rpn_anchors, rpn_losses
-from ..preprocess import build_preprocessor, preprocess_inputs, rescale_boxes
+from ..preprocess import build_preprocessor, image_sizes_tensor, preprocess_inputs, rescale_boxes
 from .rcnn_box_encoding import box_position_encoding
 from .rcnn_box_head import TSPRCNNBoxHead, TSPRCNNPredictor
 from .rcnn_config import TSPRCNNConfig, check_tsp_rcnn_config, stage_settings
@@ -44,7 +44,12 @@ class _ScaleGradient(torch.autograd.Function):
 def pad_per_image(rows: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(N, F) image-major rows -> (B, S_max, F) zero-padded and the (B, S_max) key padding mask
     (True = padding). An image without rows keeps slot 0 unmasked (a zero token nobody reads), so the
-    attention of its padded queries never sees only masked keys (that would give NaN)."""
+    attention of its padded queries never sees only masked keys (that would give NaN).
+
+    One image with rows needs no padding: it takes a path without Python counts, so that an ONNX
+    trace keeps its row count (data-dependent after the RPN's NMS) symbolic."""
+    if len(counts) == 1 and (torch.jit.is_tracing() or counts[0] > 0):
+        return rows[None], torch.zeros((1, rows.shape[0]), dtype=torch.bool, device=rows.device)
     chunks = list(rows.split(list(counts)))
     width = max(max(counts), 1)
     padded = pad_sequence(chunks, batch_first=True)
@@ -174,7 +179,7 @@ class TSPRCNN(nn.Module):
         mode = self.cfg.roi_heads.position_encoding
         if mode != "none":
             padded_boxes, _ = pad_per_image(torch.cat(list(boxes)).to(tokens.dtype), counts)
-            sizes = torch.as_tensor(image_sizes, device=tokens.device, dtype=tokens.dtype)
+            sizes = image_sizes_tensor(image_sizes, tokens.dtype, tokens.device)
             position = box_position_encoding(padded_boxes, sizes, self.cfg.roi_heads.d_model, mode)
         encoded = head(tokens, position, mask, previous)
         valid = torch.cat([torch.arange(encoded.shape[1], device=encoded.device) < c for c in counts]).view(mask.shape)
@@ -184,7 +189,7 @@ class TSPRCNN(nn.Module):
     def refine(self, stage: int, deltas: Tensor, boxes: Sequence[Tensor], image_sizes) -> list[Tensor]:
         """The next cascade stage's proposals: this stage's class-agnostic boxes, detached and clipped."""
         decoded = self.box_coders[stage].decode(deltas.detach(), torch.cat(list(boxes)))
-        return [clip_boxes_to_image(b, tuple(size)) for b, size in zip(decoded.split([len(x) for x in boxes]), image_sizes)]
+        return [clip_boxes_to_image(b, tuple(size)) for b, size in zip(decoded.split([x.shape[0] for x in boxes]), image_sizes)]
 
     def box_head_losses(self, roi_features: Sequence[Tensor], proposals: Sequence[tuple[Tensor, Tensor]],
                         targets: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
