@@ -93,13 +93,13 @@ class Run:
     """One model + optimizer + schedule, stepping with one focal-loss implementation."""
 
     def __init__(self, config: dict, implementation: str, seed: int):
-        from sparsedet.engine.optim import build_optimizer, warmup_multistep
+        from sparsedet.engine.optim import ScheduleSet, build_optimizer
         from sparsedet.models import build_model
         torch.manual_seed(seed)
         self.model = build_model(config).train()
         self.solver = config["solver"]
         self.optimizer = build_optimizer(self.model, self.solver)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_multistep(self.solver))
+        self.schedule = ScheduleSet(self.optimizer, self.solver)
         self.implementation = implementation
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -111,6 +111,7 @@ class Run:
             total = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+        self.optimizer.clip_grad_norms()  # per-group clips of solver.param_groups, as the trainer
         clip = self.solver.get("clip_grad_norm")
         if clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
