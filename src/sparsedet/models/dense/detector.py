@@ -134,7 +134,9 @@ class DenseDetector(nn.Module):
         levels = self.levels if levels is None else tuple(levels)
         level_features = [features[f"p{lvl}"] for lvl in levels]
         logits, deltas = self.head(level_features)
-        anchors = [self.anchor_generator.grid_anchors(lvl, *f.shape[-2:]) for lvl, f in zip(levels, level_features)]
+        # Cached grids: post-processing only reads (index_select) them.
+        anchors = [self.anchor_generator.grid_anchors(lvl, *f.shape[-2:], cache=True)
+                   for lvl, f in zip(levels, level_features)]
         num_images = level_features[0].shape[0]
         return [[LevelOutputs(lg[i], dl[i], an) for lg, dl, an in zip(logits, deltas, anchors)]
                 for i in range(num_images)]
