@@ -7,7 +7,8 @@ these layers, a ResNet-50 53, so one inference launches ~470-480 operators (GPU 
 compute the same 2 x C numbers every time: a third of a whole QueryDet inference.
 
 :class:`FrozenBatchNorm2d` keeps torchvision's class, buffers, state_dict and arithmetic (the same
-ops in the same order, so the output is bitwise identical) and, in eval mode, remembers the last
+ops in the same order, so the output is bitwise identical; the final add runs in place, sparing
+a feature-map-sized temporary) and, in eval mode, remembers the last
 ``(scale, bias)`` pair. The cache is dropped whenever it could be stale:
 
 * its key holds every buffer's identity, storage address, dtype, device and version counter, so
@@ -53,7 +54,9 @@ class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, bias = self._cached_affine() if self._may_cache() else self.affine()
-        return x * scale + bias
+        # torchvision's ``x * scale + bias`` with the add in place: the same two passes and the
+        # same rounding, one full-size temporary less (autograd needs neither result).
+        return (x * scale).add_(bias)
 
     # ------------------------------------------------------------------ cache
 

@@ -118,7 +118,7 @@ class DenseDetector(nn.Module):
                 classes = torch.full_like(matches, self.num_classes)
                 deltas = torch.zeros_like(anchors)
             else:
-                classes = labels[matches].clone()
+                classes = labels[matches]              # a new tensor: safe to edit below
                 deltas = self.box_coder.encode(anchors, boxes[matches])
             classes[match_labels == BACKGROUND] = self.num_classes
             classes[match_labels == IGNORE] = -1
