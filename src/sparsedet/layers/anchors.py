@@ -16,6 +16,7 @@ Conventions (spec §1.2):
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -50,7 +51,12 @@ class AnchorGenerator(nn.Module):
 
     The cell anchors are non-persistent buffers: they follow ``.to(device)`` but are not part of
     the state_dict (official checkpoints may store them; converters drop and regenerate them).
+
+    ``grid_anchors(..., cache=True)`` (inference) keeps the last ``GRID_CACHE_SIZE`` grids, so that
+    a stream of same-size images does not rebuild them (~15 small ops per level per call).
     """
+
+    GRID_CACHE_SIZE = 16
 
     def __init__(self, levels: Sequence[int], sizes: Sequence[Sequence[float]],
                  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), offset: float = 0.0):
@@ -66,6 +72,7 @@ class AnchorGenerator(nn.Module):
         self.num_anchors = counts.pop() * len(aspect_ratios)
         for lvl, level_sizes in zip(self.levels, sizes):
             self.register_buffer(f"cell_anchors_p{lvl}", cell_anchors(level_sizes, aspect_ratios), persistent=False)
+        self._grid_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
     def cell_anchors(self, level: int) -> Tensor:
         """(A, 4) anchors of ``level`` centred on (0, 0)."""
@@ -73,14 +80,38 @@ class AnchorGenerator(nn.Module):
             raise KeyError(f"no anchors for level P{level}; levels are {['P%d' % l for l in self.levels]}")
         return getattr(self, f"cell_anchors_p{level}")
 
-    def grid_anchors(self, level: int, height: int, width: int) -> Tensor:
-        """(height * width * A, 4) anchors of a whole (height, width) map, index (y * W + x) * A + a."""
+    def grid_anchors(self, level: int, height: int, width: int, cache: bool = False) -> Tensor:
+        """(height * width * A, 4) anchors of a whole (height, width) map, index (y * W + x) * A + a.
+
+        ``cache=True``: reuse the grid from an earlier call with the same level, size and cell
+        anchors (same tensor: read it, never modify it in place). Never while tracing (ONNX export
+        traces the sizes) or compiling.
+        """
         cell = self.cell_anchors(level)
-        stride = self.strides[level]
+        if not cache or torch.jit.is_tracing() or torch.compiler.is_compiling() or cell.is_inference():
+            return self._grid(cell, self.strides[level], height, width)
+        key = (level, int(height), int(width), cell.device, cell.dtype, cell.data_ptr(), cell._version, self.offset)
+        grid = self._grid_cache.get(key)
+        if grid is None:
+            # A normal tensor even inside inference_mode, usable by later calls in any mode.
+            with torch.inference_mode(False), torch.no_grad():
+                grid = self._grid(cell, self.strides[level], height, width)
+            self._grid_cache[key] = grid
+            while len(self._grid_cache) > self.GRID_CACHE_SIZE:
+                self._grid_cache.popitem(last=False)
+        else:
+            self._grid_cache.move_to_end(key)
+        return grid
+
+    def _grid(self, cell: Tensor, stride: int, height: int, width: int) -> Tensor:
         ys = torch.arange(height, device=cell.device, dtype=torch.float32)
         xs = torch.arange(width, device=cell.device, dtype=torch.float32)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         return self._place(cell, stride, grid_y.reshape(-1), grid_x.reshape(-1))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._grid_cache.clear()   # .to(device) / .double(): the cached grids are on the old one
+        return super()._apply(fn, *args, **kwargs)
 
     def anchors_at(self, level: int, ys: Tensor, xs: Tensor) -> Tensor:
         """(n * A, 4) anchors at n positions ``(ys[i], xs[i])`` of ``level``, position-major.

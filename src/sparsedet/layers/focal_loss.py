@@ -40,10 +40,11 @@ _REDUCTIONS = ("sum", "mean")
 
 
 def _check(logits: Tensor, labels: Tensor, alpha: float, reduction: str) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (R, K), got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be ({logits.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (R, K) or (..., K), got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1] or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integers of the logits' leading shape {tuple(logits.shape[:-1])} "
+                         f"(logits {tuple(logits.shape)}), got {tuple(labels.shape)} {labels.dtype}")
     if not (0.0 <= alpha <= 1.0) and alpha != -1:
         raise ValueError(f"alpha must lie in [0, 1] or be -1 (no weighting), got {alpha}")
     if reduction not in _REDUCTIONS:
@@ -55,31 +56,66 @@ def _class_weights(alpha: float) -> tuple[float, float]:
     return (1.0, 1.0) if alpha < 0 else (float(alpha), 1.0 - float(alpha))
 
 
+def _is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers one gap-free block of memory in some dimension order (a contiguous
+    tensor or a permutation of one, e.g. a conv output viewed anchors/classes last)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The 1-D view of a dense tensor's memory block (``t.view(-1)`` when contiguous). Every
+    full-size tensor of the loss has the logits' strides, so one set of offsets indexes them all."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _entry_offsets(x: Tensor, rows: Tensor, classes: Tensor) -> Tensor:
+    """Memory offsets in ``_flat(x)`` of entries (row, class); rows count the leading dims in C
+    order. For (R, K) contiguous logits: ``row * K + class``."""
+    if x.dim() == 2 and x.is_contiguous():
+        return rows * x.shape[1] + classes
+    offsets = classes * x.stride(-1)
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        offsets = offsets + (rows % size) * stride
+        rows = torch.div(rows, size, rounding_mode="floor")
+    return offsets
+
+
 class _FusedFocalLossSum(torch.autograd.Function):
     """Sum of the focal loss over the non-ignored rows; see the module docstring."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
-        num_classes = logits.shape[1]
-        x = logits.detach().float().contiguous()          # no copy for contiguous fp32 logits
+        num_classes = logits.shape[-1]
+        x = logits.detach().float()
+        if x.dim() == 2 or not _is_dense(x):
+            x = x.contiguous()                             # no copy for contiguous fp32 logits
         w_pos, w_neg = _class_weights(alpha)
-        labels = labels.long()
+        labels = labels.reshape(-1).long()                 # rows in C order of the leading dims
         ignored_rows = (labels < 0).nonzero().squeeze(1)
         positive_rows = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
-        positive_entries = positive_rows * num_classes + labels[positive_rows]   # flat (row, class)
+        positive_entries = _entry_offsets(x, positive_rows, labels[positive_rows])  # flat (row, class)
 
-        p = torch.sigmoid(x)
+        p = torch.sigmoid(x)                               # element-wise results keep x's layout,
         softplus = F.softplus(x)                           # -log(1 - p), stable for large x
         # w_neg * p^gamma; entries outside the negatives' term (ignored rows, the positive entries)
         # get 0 there, so their negative loss and gradient vanish.
         modulation = p.square() if gamma == 2.0 else p.pow(gamma)
-        modulation.index_fill_(0, ignored_rows, 0.0)
-        modulation.view(-1).index_fill_(0, positive_entries, 0.0)
+        if x.dim() == 2:
+            modulation.index_fill_(0, ignored_rows, 0.0)
+        else:
+            every_class = torch.arange(num_classes, device=x.device)
+            _flat(modulation).index_fill_(0, _entry_offsets(x, ignored_rows[:, None], every_class).reshape(-1), 0.0)
+        _flat(modulation).index_fill_(0, positive_entries, 0.0)
         modulation.mul_(w_neg)
         elementwise = softplus.mul_(modulation)            # the negatives' loss, in the softplus buffer
         negatives = elementwise.sum()                      # cascade sum: as accurate as torchvision's
 
-        x_pos = x.view(-1).index_select(0, positive_entries)
+        x_pos = _flat(x).index_select(0, positive_entries)
         q_pos = torch.sigmoid(-x_pos)                      # 1 - p, exact for large logits
         softplus_neg_pos = F.softplus(-x_pos)              # -log(p)
         q_pos_mod = q_pos.square() if gamma == 2.0 else q_pos.pow(gamma)
@@ -93,7 +129,7 @@ class _FusedFocalLossSum(torch.autograd.Function):
             grad.lerp_(modulation, p)
             p_pos = torch.sigmoid(x_pos)
             grad_pos = -w_pos * q_pos_mod * (gamma * p_pos * softplus_neg_pos + q_pos)
-            grad.view(-1).index_copy_(0, positive_entries, grad_pos)
+            _flat(grad).index_copy_(0, positive_entries, grad_pos)
             ctx.save_for_backward(grad)
             ctx.logits_dtype = logits.dtype
         return loss
@@ -110,7 +146,10 @@ def fused_sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25
     ``torchvision.ops.sigmoid_focal_loss`` on the one-hot targets of the non-ignored rows.
 
     Args:
-        logits: (R, K) class logits, any float dtype (computed in fp32, gradient in logits' dtype).
+        logits: (R, K) class logits, any float dtype (computed in fp32, gradient in logits' dtype);
+            or (..., K) with labels (...): e.g. a dense head's (B, H, W, A, K) permuted view of its
+            (B, A * K, H, W) conv output, used in place (no copy to rows, and a gradient in the
+            conv's own layout: no copy in backward either).
         labels: (R,) integer labels: ``k`` in [0, K) = foreground of class k (target 1 at column k,
             0 elsewhere), ``>= K`` = background (all targets 0), ``< 0`` = ignored row (no loss, zero
             gradient). One-class binary maps: see :func:`binary_labels`.
@@ -127,7 +166,7 @@ def fused_sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     total = _FusedFocalLossSum.apply(logits, labels, float(alpha), float(gamma))
     if reduction == "mean":
-        count = (labels >= 0).sum() * logits.shape[1]
+        count = (labels >= 0).sum() * logits.shape[-1]
         total = total / count.clamp(min=1)
     return total
 
@@ -138,7 +177,7 @@ def reference_sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 
     ignored rows, one-hot the labels (background = all zeros), ``torchvision.ops.sigmoid_focal_loss``
     in fp32. Slow and memory-hungry; kept as the reference for tests and benchmarks."""
     _check(logits, labels, alpha, reduction)
-    num_classes = logits.shape[1]
+    num_classes = logits.shape[-1]
     valid = labels >= 0
     onehot = F.one_hot(labels[valid].long().clamp(max=num_classes), num_classes + 1)[:, :num_classes]
     return sigmoid_focal_loss(logits[valid].float(), onehot.float(), alpha=alpha, gamma=gamma, reduction=reduction)

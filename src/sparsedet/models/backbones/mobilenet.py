@@ -7,7 +7,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
-from torchvision.ops import FrozenBatchNorm2d
+
+from ...layers.frozen_batch_norm import FrozenBatchNorm2d
 
 # torchvision's `features` indices that end each stride: 3 -> /4, 6 -> /8, 13 -> /16, 17 -> /32.
 # The final 1x1 conv to 1280 channels (index 18) is a classifier layer and is dropped.

@@ -12,7 +12,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 from torchvision.models import resnet
-from torchvision.ops import FrozenBatchNorm2d
+
+from ...layers.frozen_batch_norm import FrozenBatchNorm2d
 
 RESNET_BUILDERS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50,
                    101: resnet.resnet101, 152: resnet.resnet152}

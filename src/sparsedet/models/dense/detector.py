@@ -83,16 +83,18 @@ class DenseDetector(nn.Module):
                        image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
         """Detection losses over all levels (subclasses add theirs). ``features``: ``{"p3": ...}``."""
         level_features = [features[f"p{lvl}"] for lvl in self.levels]
-        logits, deltas = self.head(level_features)
+        # (B, H, W, A, C) views of the conv outputs: the focal loss reads the class logits in place
+        # (a P3 class map is the largest tensor of the step; no copy to rows, none in backward).
+        logits, deltas = self.head(level_features, flatten=False)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in level_features])
         gt_classes, gt_deltas = self.label_anchors(torch.cat(anchors), targets)  # (B, R), (B, R, 4)
         num_foreground = ((gt_classes >= 0) & (gt_classes < self.num_classes)).sum()
         normalizer = self.loss_normalizer.update(num_foreground)
         sizes = [a.shape[0] for a in anchors]
         return dense_detection_losses(
-            [x.reshape(-1, self.num_classes) for x in logits],
+            logits,
             [x.reshape(-1, 4) for x in deltas],
-            [x.reshape(-1) for x in gt_classes.split(sizes, dim=1)],
+            [c.reshape(x.shape[:-1]) for c, x in zip(gt_classes.split(sizes, dim=1), logits)],
             [x.reshape(-1, 4) for x in gt_deltas.split(sizes, dim=1)],
             self.level_loss_weights, normalizer,
             self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma, self.cfg.loss.smooth_l1_beta)
@@ -118,7 +120,7 @@ class DenseDetector(nn.Module):
                 classes = torch.full_like(matches, self.num_classes)
                 deltas = torch.zeros_like(anchors)
             else:
-                classes = labels[matches].clone()
+                classes = labels[matches]              # a new tensor: safe to edit below
                 deltas = self.box_coder.encode(anchors, boxes[matches])
             classes[match_labels == BACKGROUND] = self.num_classes
             classes[match_labels == IGNORE] = -1
@@ -134,7 +136,9 @@ class DenseDetector(nn.Module):
         levels = self.levels if levels is None else tuple(levels)
         level_features = [features[f"p{lvl}"] for lvl in levels]
         logits, deltas = self.head(level_features)
-        anchors = [self.anchor_generator.grid_anchors(lvl, *f.shape[-2:]) for lvl, f in zip(levels, level_features)]
+        # Cached grids: post-processing only reads (index_select) them.
+        anchors = [self.anchor_generator.grid_anchors(lvl, *f.shape[-2:], cache=True)
+                   for lvl, f in zip(levels, level_features)]
         num_images = level_features[0].shape[0]
         return [[LevelOutputs(lg[i], dl[i], an) for lg, dl, an in zip(logits, deltas, anchors)]
                 for i in range(num_images)]

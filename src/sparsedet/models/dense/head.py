@@ -9,14 +9,20 @@ from torch import Tensor, nn
 from ...layers.conv_tower import ConvTower
 
 
-def flatten_level(x: Tensor, num_anchors: int, channels_per_anchor: int) -> Tensor:
-    """(B, A * C, H, W) predictor output -> (B, H * W * A, C) rows ordered (y * W + x) * A + a.
+def level_view(x: Tensor, num_anchors: int, channels_per_anchor: int) -> Tensor:
+    """(B, A * C, H, W) predictor output -> (B, H, W, A, C) view of the same memory (no copy).
 
     Channel ``a * C + c`` belongs to anchor a, class/coordinate c (detectron2 layout), so the view
     is (B, A, C, H, W) and the permute puts positions first, then anchors.
     """
     b, _, h, w = x.shape
-    return x.view(b, num_anchors, channels_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, channels_per_anchor)
+    return x.view(b, num_anchors, channels_per_anchor, h, w).permute(0, 3, 4, 1, 2)
+
+
+def flatten_level(x: Tensor, num_anchors: int, channels_per_anchor: int) -> Tensor:
+    """(B, A * C, H, W) predictor output -> (B, H * W * A, C) rows ordered (y * W + x) * A + a
+    (``level_view`` copied to rows)."""
+    return level_view(x, num_anchors, channels_per_anchor).reshape(x.shape[0], -1, channels_per_anchor)
 
 
 class RetinaNetHead(nn.Module):
@@ -44,19 +50,22 @@ class RetinaNetHead(nn.Module):
                 nn.init.constant_(module.bias, 0.0)
         nn.init.constant_(self.cls_tower.predictors[0].bias, -math.log((1.0 - prior_prob) / prior_prob))
 
-    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, features: Sequence[Tensor], flatten: bool = True) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             features: per level, (B, C, H_l, W_l).
+            flatten: False = return the (B, H_l, W_l, A, C) views of the conv outputs instead of
+                row copies (the training losses read them in place).
 
         Returns:
-            logits: per level, (B, H_l * W_l * A, K).
-            deltas: per level, (B, H_l * W_l * A, 4).
+            logits: per level, (B, H_l * W_l * A, K) (or (B, H_l, W_l, A, K)).
+            deltas: per level, (B, H_l * W_l * A, 4) (or (B, H_l, W_l, A, 4)).
         """
+        to_rows = flatten_level if flatten else level_view
         logits, deltas = [], []
         for feature in features:
-            logits.append(flatten_level(self.cls_tower(feature)[0], self.num_anchors, self.num_classes))
-            deltas.append(flatten_level(self.box_tower(feature)[0], self.num_anchors, 4))
+            logits.append(to_rows(self.cls_tower(feature)[0], self.num_anchors, self.num_classes))
+            deltas.append(to_rows(self.box_tower(feature)[0], self.num_anchors, 4))
         return logits, deltas
 
 

@@ -52,10 +52,11 @@ def dense_detection_losses(
     """Focal + smooth-L1 losses summed per level, weighted by ``level_weights``, normalised.
 
     Args (one entry per level; R_l = anchors of level l over the whole batch):
-        logits: (R_l, K) class logits.
+        logits: (R_l, K) class logits, or any (..., K) shape with R_l rows in C order, e.g. the
+            head's (B, H, W, A, K) views (``fused_sigmoid_focal_loss`` reads them in place).
         deltas: (R_l, 4) predicted box deltas.
-        gt_classes: (R_l,) int64: class index in [0, K) for foreground anchors, K for background,
-            -1 for ignored anchors.
+        gt_classes: int64 of logits' leading shape ((R_l,) or e.g. (B, H, W, A)): class index in
+            [0, K) for foreground anchors, K for background, -1 for ignored anchors.
         gt_deltas: (R_l, 4) regression targets (only foreground rows are read).
         level_weights: beta_l per level.
         normalizer: scalar ``max(1, N)`` from ``ForegroundNormalizer.update``.
@@ -69,7 +70,7 @@ def dense_detection_losses(
     loss_box = normalizer.new_zeros(())
     for level_logits, level_deltas, classes, targets, weight in zip(logits, deltas, gt_classes, gt_deltas, level_weights):
         num_classes = level_logits.shape[-1]
-        foreground = (classes >= 0) & (classes < num_classes)
+        foreground = ((classes >= 0) & (classes < num_classes)).reshape(-1)
         # Labels straight from gt_classes (K = background = all-zero targets, -1 = ignored row).
         level_cls = fused_sigmoid_focal_loss(level_logits, classes, focal_alpha, focal_gamma, "sum")
         level_box = F.smooth_l1_loss(level_deltas[foreground].float(), targets[foreground].float(),

@@ -4,7 +4,9 @@ The unit of work is a *level*: ``(logits (R, K), deltas (R, 4), anchors (R, 4))`
 R = number of anchor rows. A dense level has R = H * W * A; a Cascade Sparse Query level holds only
 the anchors of its queried positions (R = n * A). Both go through the same code:
 
-1. ``level_candidates``: the top min(topk, R) (anchor, class) scores of the level, decoded;
+1. ``select_level_top``: the top min(topk, R) (anchor, class) logits of the level, with their
+   deltas and anchors; all levels' selections are then decoded at once (``decode_selection``;
+   ``level_candidates`` = both steps on one level);
 2. ``merge_detections``: concatenate all levels, drop scores ``<= score_threshold``, one
    class-aware NMS, keep ``max_detections``, rescale to the original image size, clip, drop empty
    boxes.
@@ -47,9 +49,17 @@ class Candidates(NamedTuple):
     labels: Tensor   # (n,) int64
 
 
-def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: int) -> Candidates:
-    """The level's top min(topk, R) (anchor, class) pairs by score, decoded (spec §1.6 steps 1-4,
-    without the score threshold, which ``merge_detections`` applies to all levels at once).
+class LevelSelection(NamedTuple):
+    """A level's top-k (anchor, class) pairs before decoding (``select_level_top``)."""
+
+    logits: Tensor   # (k,) selected class logits, descending
+    labels: Tensor   # (k,) int64 class index
+    deltas: Tensor   # (k, 4) deltas of the selected rows
+    anchors: Tensor  # (k, 4) their anchors
+
+
+def select_level_top(level: LevelOutputs, topk_candidates: int) -> LevelSelection:
+    """The level's top min(topk, R) (anchor, class) pairs by logit, with their deltas and anchors.
 
     The cap is ``min(topk_candidates, R)`` with R the number of anchor rows (not R * K): this is
     detectron2 0.4's rule, which the official QueryDet numbers were produced with. The selection runs
@@ -60,8 +70,22 @@ def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: 
     num_rows, num_classes = logits.shape
     top_logits, flat_index = logits.flatten().topk(topk_count(topk_candidates, num_rows))  # sorted, descending
     rows = torch.div(flat_index, num_classes, rounding_mode="floor")
-    boxes = box_coder.decode(deltas.index_select(0, rows).float(), anchors.index_select(0, rows).float())
-    return Candidates(boxes, top_logits.float().sigmoid(), flat_index % num_classes)
+    return LevelSelection(top_logits, flat_index % num_classes, deltas.index_select(0, rows),
+                          anchors.index_select(0, rows))
+
+
+def decode_selection(selection: LevelSelection, box_coder: BoxCoder) -> Candidates:
+    """Decoded boxes (fp32) and sigmoid scores of selected pairs (one level's or several levels'
+    concatenated: every step is element-wise, so decoding levels together or apart is the same)."""
+    boxes = box_coder.decode(selection.deltas.float(), selection.anchors.float())
+    return Candidates(boxes, selection.logits.float().sigmoid(), selection.labels)
+
+
+def level_candidates(level: LevelOutputs, box_coder: BoxCoder, topk_candidates: int) -> Candidates:
+    """The level's top min(topk, R) (anchor, class) pairs by score, decoded (spec §1.6 steps 1-4,
+    without the score threshold, which ``merge_detections`` applies to all levels at once); see
+    ``select_level_top`` for the top-k rule."""
+    return decode_selection(select_level_top(level, topk_candidates), box_coder)
 
 
 def merge_detections(candidates: Sequence[Candidates], score_threshold: float, nms_threshold: float,
@@ -90,8 +114,16 @@ def merge_detections(candidates: Sequence[Candidates], score_threshold: float, n
 def postprocess_image(levels: Sequence[LevelOutputs], box_coder: BoxCoder, topk_candidates: int,
                       score_threshold: float, nms_threshold: float, max_detections: int,
                       image_size: tuple[int, int], original_size: Optional[tuple[int, int]] = None) -> dict:
-    """``level_candidates`` on every level, then ``merge_detections``."""
+    """Every level's top-k (``select_level_top``), decoded together, then ``merge_detections``.
+
+    Same detections as ``level_candidates`` per level: the top-k is per level, and what follows
+    is element-wise, so it runs once over all levels' selections (one decode instead of one per
+    level: ~40 small ops, i.e. GPU launches, per level saved).
+    """
     if not levels:
         raise ValueError("postprocess_image needs at least one level")
-    candidates = [level_candidates(LevelOutputs(*level), box_coder, topk_candidates) for level in levels]
+    selections = [select_level_top(LevelOutputs(*level), topk_candidates) for level in levels]
+    if len(selections) > 1:
+        selections = [LevelSelection(*(torch.cat(parts) for parts in zip(*selections)))]
+    candidates = [decode_selection(selections[0], box_coder)]
     return merge_detections(candidates, score_threshold, nms_threshold, max_detections, image_size, original_size)
