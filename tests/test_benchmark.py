@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from sparsedet.benchmark import (POSTPROCESS, Candidate, Measure, Part, benchmark, check_device, default_parts,
-                                 format_results, median_times, model_candidate, parse_size)
+                                 format_results, median_times, model_candidate, parse_size, timed_functions,
+                                 training_step_times)
 from sparsedet.models import build_model
 
 
@@ -181,3 +182,35 @@ def test_benchmark_parts_of_tsp_and_asag(key, single_thread):
         assert sum(result.parts[name][run] for name in medians) == pytest.approx(result.times[run], rel=0.05)
     if key.startswith("asag"):
         assert model.last_anchors.valid.sum() > 0
+
+
+def test_timed_functions_add_up_and_restore():
+    """``timed_functions`` sums the time inside wrapped module functions and class methods and puts
+    the originals back; ``training_step_times`` reads the totals per timed step after the warm-up."""
+    import types
+
+    clock = VirtualClock()
+    module = types.SimpleNamespace(match=lambda seconds: setattr(clock, "now", clock.now + seconds) or "matched")
+
+    class Model:
+        def assign(self):
+            clock.now += 0.5
+
+    original_match, original_assign = module.match, Model.__dict__["assign"]
+    model = Model()
+
+    def step():
+        clock.now += 1.0                    # the rest of the step
+        assert module.match(0.25) == "matched"
+        module.match(0.25)
+        model.assign()
+
+    with timed_functions({"matching": [(module, "match")], "assignment": [(Model, "assign")]}, clock) as totals:
+        steps = training_step_times(step, totals, warmup=2, runs=3, clock=clock)
+    assert len(steps) == 3
+    for seconds, inside in steps:
+        assert seconds == pytest.approx(2.0)
+        assert inside == pytest.approx({"matching": 0.5, "assignment": 0.5})
+    assert module.match is original_match and Model.__dict__["assign"] is original_assign
+    with pytest.raises(ValueError, match="runs"):
+        training_step_times(step, {}, runs=0)
