@@ -30,6 +30,7 @@ Usage::
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py                # full run (~45 min on 2 heavily shared cores)
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --quick        # smoke run: 512x768, 1 run, 1 training step
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --skip-training --sizes 800x1216
+    PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --skip-inference --skip-training --flops   # GFLOPs only
 
 Exit status: 0 when every measured target passes, 1 otherwise.
 """
@@ -117,6 +118,38 @@ def print_inference_summary(rows) -> None:
         print(f"{size:>9} | {rep:>3} | {num:<20} | {den:<26} | {1000 * a:8.1f} | {1000 * b:8.1f} | {ratio:5.2f} | "
               f"{runs:<11} | "
               f"{min_ratio:7.2f} | {cpu:4.2f} | {'<= %.2f' % target if target else '-':>6} | {verdict(ok)}")
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. FLOPs (independent of the machine's load)
+
+
+def count_flops(model, image: torch.Tensor) -> dict[str, float]:
+    """GFLOPs of one inference (``torch.utils.flop_counter``: matmuls and convolutions) in total and
+    per direct child module (e.g. ``backbone``, ``fcos_head``, ``transformer_encoder``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model([image])
+    root = type(model).__name__
+    out = {"total": counter.get_total_flops() / 1e9}
+    for name, counts in counter.get_flop_counts().items():
+        if name.startswith(root + ".") and name.count(".") == 1:
+            out[name.split(".", 1)[1]] = sum(counts.values()) / 1e9
+    return out
+
+
+def print_flops(args, device) -> None:
+    print("\n=== GFLOPs of one inference (torch.utils.flop_counter: matmul and convolution FLOPs, "
+          "2 per multiply-add; RoIAlign/NMS not counted) ===")
+    torch.manual_seed(args.seed)
+    models = {spec: load_detector(spec, device=device) for spec in (TSP_FCOS, FCOS)}
+    for size in args.sizes:
+        image = random_image(size, args.seed).to(device)
+        flops = {spec: count_flops(model, image) for spec, model in models.items()}
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in flops[TSP_FCOS].items() if k != "total")
+        print(f"{size[0]}x{size[1]}: {TSP_FCOS} {flops[TSP_FCOS]['total']:.1f} ({parts}); "
+              f"{FCOS} {flops[FCOS]['total']:.1f}; ratio {flops[TSP_FCOS]['total'] / flops[FCOS]['total']:.2f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-share", type=float, default=0.02, help="matching share target (default 0.02)")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--flops", action="store_true", help="also count the GFLOPs of TSP-FCOS and FCOS at --sizes")
     p.add_argument("--quick", action="store_true", help="smoke run: 512x768, 1 run, 1 training step, 7 boxes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-passive", action="store_true", help="set OMP_WAIT_POLICY=PASSIVE (shared machines)")
@@ -233,6 +267,8 @@ def main(argv=None) -> int:
     if not args.skip_inference:
         ok, inference_rows = bench_inference(args, device)
         results.append(("inference ratios", ok))
+    if args.flops:
+        print_flops(args, device)
     if not args.skip_training:
         ok, training_rows = bench_training(args, device, clock)
         results.append(("matching share", ok))
