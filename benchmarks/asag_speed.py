@@ -207,8 +207,10 @@ def main(argv=None) -> int:
               f"{'whole ratio (runs)':<20} | {'after ratio (runs)':<20} | {'cached after ratio (runs)':<34} | result")
     print(header)
     print("-" * len(header))
+    def fmt(ratios):
+        return "" if ratios is None else f"{statistics.median(ratios):.2f} ({' '.join(f'{x:.2f}' for x in ratios)})"
+
     for size, name, whole_s, after_s, cached_s, whole, after, cached, ok_whole, ok_after, q in rows:
-        fmt = lambda r: "" if r is None else f"{statistics.median(r):.2f} ({' '.join(f'{x:.2f}' for x in r)})"  # noqa: E731
         result = "" if ok_whole is None else (f"whole {'PASS' if ok_whole else 'FAIL'}, "
                                               f"after FPN {'PASS' if ok_after else 'FAIL'}")
         cached_text = "" if cached_s is None else f"{1000 * cached_s:9.1f}"

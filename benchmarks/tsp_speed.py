@@ -27,7 +27,7 @@ share of a training step (issue 11).
 
 Usage::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py                # full run (~45 min on 2 heavily shared cores)
+    PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py                # full run (~45 min at load 20)
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --quick        # smoke run: 512x768, 1 run, 1 training step
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --skip-training --sizes 800x1216
     PYTHONPATH=src .venv/bin/python benchmarks/tsp_speed.py --skip-inference --skip-training --flops   # GFLOPs only
