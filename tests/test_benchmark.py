@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from sparsedet.benchmark import (POSTPROCESS, Candidate, Measure, Part, benchmark, check_device, default_parts,
-                                 format_results, median_times, model_candidate, parse_size)
+                                 format_results, median_times, model_candidate, parse_size, timed_functions,
+                                 training_step_times)
 from sparsedet.models import build_model
 
 
@@ -131,3 +132,85 @@ def test_cli_bench_onnx(capsys, single_thread):
                  "--onnx", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "retinanet/r50_fpn_1x_coco (onnxruntime)" in out
+
+
+# ---------------------------------------------------------------- benchmark_parts of TSP and ASAG
+
+TINY_TSP_FCOS = ["model.backbone.weights=null", "model.num_classes=5", "model.fpn.channels=32",
+                 "model.head.num_groups=8", "model.transformer.d_model=32", "model.transformer.nhead=2",
+                 "model.transformer.dim_feedforward=64", "model.transformer.num_layers=2", "model.foi.num_foi=50"]
+TINY_TSP_RCNN = ["model.backbone.depth=18", "model.backbone.layout=torchvision", "model.fpn.channels=32",
+                 "model.num_classes=5", "model.rpn.pre_nms_topk_test=200", "model.rpn.num_proposals=40",
+                 "model.roi_heads.d_model=64", "model.roi_heads.num_heads=4", "model.roi_heads.num_layers=1",
+                 "model.roi_heads.dim_feedforward=64"]
+TINY_ASAG = ["model.backbone.depth=18", "model.hidden_dim=64", "model.fpn.channels=64", "model.dim_feedforward=128",
+             "model.anchors.compress_hidden=8", "model.num_classes=3", "model.num_heads_decoder=1",
+             "model.test_head=main"]
+PARTS = {
+    "tsp_fcos": ("tsp_fcos/mobilenetv2_fpn_cpu", TINY_TSP_FCOS,
+                 ["preprocess", "backbone+FPN", "head (FCOS head)", "selection (FoI top-k, gather, projection)",
+                  "encoder (transformer)"]),
+    "tsp_rcnn": ("tsp_rcnn/r50_fpn_3x", TINY_TSP_RCNN,
+                 ["preprocess", "backbone+FPN", "head (RPN head)", "selection (proposals + RoI pooling)",
+                  "encoder (projection + transformer)"]),
+    "asag_s_fast": ("asag/s_r50_fpn_100q_3x", TINY_ASAG + ["model.fast_inference=true"],
+                    ["preprocess", "backbone+FPN", "selection (anchor generator)", "RelationBlock",
+                     "decoder (one layer)"]),
+    "asag_a": ("asag/a_r50_fpn_100q_1x", TINY_ASAG,
+               ["preprocess", "backbone+FPN", "selection (anchor generator)", "RelationBlock", "decoder (one layer)"]),
+}
+
+
+@pytest.mark.parametrize("key", list(PARTS))
+def test_benchmark_parts_of_tsp_and_asag(key, single_thread):
+    """Every declared part fires in an inference call (non-zero duration: a part whose modules never
+    ran would get exactly 0), the names are the declared ones in order, and the parts partition the run."""
+    config, overrides, names = PARTS[key]
+    torch.manual_seed(0)
+    model = build_model(config, overrides).eval()
+    assert [name for name, _ in model.benchmark_parts()] == names
+    assert all(isinstance(m, nn.Module) for _, modules in model.benchmark_parts() for m in modules)
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.rand(3, 128, 160, generator=g) * 255]]
+    (result,) = benchmark([model_candidate(model, batches, key)], warmup=1, runs=3)
+    medians = result.part_medians()
+    assert list(medians) == names + [POSTPROCESS]
+    assert all(medians[name] > 0 for name in names), medians
+    # Each run's parts sum to its wall time (the sum of the part medians need not equal the median
+    # total on a loaded machine, so the check is per run).
+    for run in range(3):
+        assert sum(result.parts[name][run] for name in medians) == pytest.approx(result.times[run], rel=0.05)
+    if key.startswith("asag"):
+        assert model.last_anchors.valid.sum() > 0
+
+
+def test_timed_functions_add_up_and_restore():
+    """``timed_functions`` sums the time inside wrapped module functions and class methods and puts
+    the originals back; ``training_step_times`` reads the totals per timed step after the warm-up."""
+    import types
+
+    clock = VirtualClock()
+    module = types.SimpleNamespace(match=lambda seconds: setattr(clock, "now", clock.now + seconds) or "matched")
+
+    class Model:
+        def assign(self):
+            clock.now += 0.5
+
+    original_match, original_assign = module.match, Model.__dict__["assign"]
+    model = Model()
+
+    def step():
+        clock.now += 1.0                    # the rest of the step
+        assert module.match(0.25) == "matched"
+        module.match(0.25)
+        model.assign()
+
+    with timed_functions({"matching": [(module, "match")], "assignment": [(Model, "assign")]}, clock) as totals:
+        steps = training_step_times(step, totals, warmup=2, runs=3, clock=clock)
+    assert len(steps) == 3
+    for seconds, inside in steps:
+        assert seconds == pytest.approx(2.0)
+        assert inside == pytest.approx({"matching": 0.5, "assignment": 0.5})
+    assert module.match is original_match and Model.__dict__["assign"] is original_assign
+    with pytest.raises(ValueError, match="runs"):
+        training_step_times(step, {}, runs=0)

@@ -12,6 +12,10 @@ the time between two declared modules (e.g. building proposal boxes) counts to t
 ``Measure``s are optional sub-totals (the summed time inside some modules, e.g. the RoIAlign
 pooler), printed as "of which" lines.
 
+Training steps (not under ``inference_mode``): ``timed_functions`` wraps plain functions or methods
+(e.g. a matching routine) to add up their wall time, and ``training_step_times`` times a step
+callable after warm-up and reads those totals per step, for "share of a training step" figures.
+
 Declaring parts for a new model: give the detector a ``benchmark_parts()`` method returning
 ``[("backbone+FPN", [self.backbone]), ("head", [self.head]), ("selection", [...]), ...]`` in
 execution order (post-processing is implicit); without one, ``default_parts`` uses the common
@@ -19,12 +23,13 @@ attributes ``preprocess``, ``backbone``, ``head`` / ``query_head`` / ``rpn_head`
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -365,6 +370,63 @@ def median_times(fns: dict[str, Callable[[], object]], warmup: int, runs: int,
     """``benchmark`` of plain functions: name -> wall seconds per timed run."""
     results = benchmark([Candidate(name, fn) for name, fn in fns.items()], warmup, runs, device)
     return {r.name: r.times for r in results}
+
+
+# ------------------------------------------------------------------ training steps
+
+
+@contextlib.contextmanager
+def timed_functions(targets: Mapping[str, Sequence[tuple[Any, str]]],
+                    clock: Optional[Callable[[], float]] = None) -> Iterator[dict[str, float]]:
+    """Adds up the wall time of functions while the block runs.
+
+    ``targets`` maps a name to ``(owner, attribute)`` pairs: a module whose global function the
+    caller looks up at call time (``(sparsedet.models.tsp.fcos_losses, "restricted_match")``) or a
+    class whose method is wrapped (``(TSPFCOS, "_assign")``). Yields ``totals``: name -> seconds
+    summed over every call of its functions (``totals.clear()`` starts a new count); the original
+    attributes are restored on exit. Wrap functions that do not call each other, or the time counts twice.
+    """
+    clock = clock or Clock()
+    totals: dict[str, float] = {}
+    originals = []
+
+    def wrap(name, function):
+        def timed(*args, **kwargs):
+            start = clock()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + clock() - start
+        return timed
+
+    try:
+        for name, pairs in targets.items():
+            for owner, attribute in pairs:
+                function = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+                originals.append((owner, attribute, function))
+                setattr(owner, attribute, wrap(name, getattr(owner, attribute)))
+        yield totals
+    finally:
+        for owner, attribute, function in reversed(originals):
+            setattr(owner, attribute, function)
+
+
+def training_step_times(step: Callable[[], Any], totals: dict[str, float], warmup: int = 1, runs: int = 3,
+                        clock: Optional[Callable[[], float]] = None) -> list[tuple[float, dict[str, float]]]:
+    """Runs ``step`` ``warmup`` times, then ``runs`` timed times; per timed step (wall seconds, a copy
+    of ``totals`` accumulated during it), ``totals`` being the dict ``timed_functions`` yields."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    clock = clock or Clock()
+    out = []
+    for i in range(warmup + runs):
+        totals.clear()
+        start = clock()
+        step()
+        seconds = clock() - start
+        if i >= warmup:
+            out.append((seconds, dict(totals)))
+    return out
 
 
 # ------------------------------------------------------------------ report

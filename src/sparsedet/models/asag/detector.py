@@ -81,6 +81,13 @@ class ASAG(nn.Module):
         self.last_anchors: Optional[GeneratedAnchors] = None
         self.last_proposals: Optional[dict] = None
 
+    def benchmark_parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """Stages of an inference call for ``sparsedet.benchmark`` (each ends when its last module
+        returns; top-k, box scaling and NMS are post-processing). In eval only ``test_head`` runs."""
+        return [("preprocess", [self.preprocess]), ("backbone+FPN", [self.backbone]),
+                ("selection (anchor generator)", [self.anchor_generator]),
+                ("RelationBlock", [self.rpn]), ("decoder (one layer)", [self.decoder])]
+
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):
         if self.training and self.cfg.fast_inference:

@@ -70,6 +70,14 @@ class TSPFCOS(nn.Module):
         nn.init.constant_(self.ctrness.bias, 0.0)
         self.last_selection: Optional[dict] = None
 
+    def benchmark_parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """Stages of an inference call for ``sparsedet.benchmark`` (each ends when its last module
+        returns; what follows the encoder, i.e. the output heads, decoding and NMS, is post-processing)."""
+        return [("preprocess", [self.preprocess]), ("backbone+FPN", [self.backbone]),
+                ("head (FCOS head)", [self.fcos_head]),
+                ("selection (FoI top-k, gather, projection)", [self.enc_proj, self.post_enc_proj_norm]),
+                ("encoder (transformer)", [self.transformer_encoder])]
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
                 original_sizes: Optional[Sequence[tuple[int, int]]] = None):

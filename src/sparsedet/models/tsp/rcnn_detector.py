@@ -112,6 +112,16 @@ class TSPRCNN(nn.Module):
             self.box_predictor = nn.ModuleList(predictor() for _ in self.stages)
         self.last_rois: Optional[list[dict]] = None
 
+    def benchmark_parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """Stages of an inference call for ``sparsedet.benchmark`` (each ends when its last module
+        returns; the predictor, box decoding and NMS are post-processing). With the cascade a part
+        ends at its last stage's call, so the earlier stages' encoders count to the selection part."""
+        heads = list(self.box_head) if isinstance(self.box_head, nn.ModuleList) else [self.box_head]
+        return [("preprocess", [self.preprocess]), ("backbone+FPN", [self.backbone]),
+                ("head (RPN head)", [self.rpn_head]),
+                ("selection (proposals + RoI pooling)", [self.pooler]),
+                ("encoder (projection + transformer)", heads)]
+
     # ------------------------------------------------------------------ entry point
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None,
