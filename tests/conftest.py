@@ -81,3 +81,12 @@ def shared_data():
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(scope="session")
+def overfit_batch(shared_data):
+    """Two tiny_coco training images (1-3 objects each) at short side 256 with their targets, read
+    once per session for the overfit tests (``overfit_helpers.RealBatch``)."""
+    from overfit_helpers import tiny_coco_batch
+
+    return tiny_coco_batch(shared_data)

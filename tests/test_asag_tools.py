@@ -87,3 +87,32 @@ def test_postprocess_drops_padding_and_applies_nms():
     # class-wise NMS (setting 300): the second class-0 box overlaps the first; class 1 stays
     out = postprocess(logits, boxes, valid, [(100, 200)], detections_per_image=3, nms_threshold=0.7)[0]
     assert out["labels"].tolist() == [0, 1]
+
+
+def test_crowdhuman_config_has_the_spec_values():
+    """asag/s_r50_fpn_crowdhuman (spec asag.md 1.4.1, 4, 5.1, 5.3): ASAG-S, one class, K1/K2 150/50,
+    eta_f 0.05, 50..600 anchors, NMS 0.8, every query kept, aux_0, 50 epochs with drops at 40 and 46,
+    CrowdHuman sizes and data; the model built from it (small widths) resolves the same values."""
+    from sparsedet.config_schema import validate_config
+    from sparsedet.models.build import model_config
+
+    config = load_config("asag/s_r50_fpn_crowdhuman")
+    validate_config(config)
+    cfg = model_config(config)
+    assert (cfg.decoder_type, cfg.num_classes, cfg.test_head) == ("sparse_rcnn", 1, "aux_0")
+    assert cfg.backbone.depth == 50 and cfg.test_nms_threshold == 0.8
+    assert cfg.detections_per_image >= cfg.setting_value("max_anchors") * cfg.num_classes   # all Q kept
+    sizes, solver = config["input"], config["solver"]
+    assert sizes["min_size_train"] == list(range(640, 801, 32)) and sizes["max_size_train"] == 1500
+    assert (sizes["min_size_test"], sizes["max_size_test"]) == (800, 1500)
+    epoch = cfg.anchors.target_patch_iters                           # one epoch: 15,000 images at 16
+    assert epoch == math.ceil(15000 / 16) and solver["images_per_batch"] == 16
+    assert solver["max_iter"] == 50 * epoch and solver["steps"] == [40 * epoch, 46 * epoch]
+    assert {config["data"][s]["format"] for s in ("train", "val")} == {"crowdhuman"}
+    assert config["test"]["metric"] == "auto"
+
+    model = build_model("asag/s_r50_fpn_crowdhuman", [o for o in TINY if "num_classes" not in o])
+    generator = model.anchor_generator
+    assert (generator.k_fixed, generator.k_probe, generator.keep_threshold) == (150, 50, 0.05)
+    assert (generator.min_anchors, generator.max_anchors) == (50, 600)
+    assert model.nms_threshold == 0.8 and model.cfg.head_names()[model.test_head_index] == "aux_0"

@@ -16,6 +16,8 @@ from sparsedet.models.fcos.config import default_regression_ranges
 from sparsedet.models.fcos.losses import box_loss
 from sparsedet.models.fcos.postprocess import fcos_postprocess_image
 
+from overfit_helpers import train_steps
+
 TINY = {"num_classes": 5, "backbone": {"depth": 18, "weights": None}, "fpn": {"channels": 32},
         "head": {"num_convs": 2}}
 QUERY = {"name": "querydet_fcos", "query": {"num_convs": 2}}
@@ -341,14 +343,7 @@ def test_overfit_one_image():
     g = torch.Generator().manual_seed(5)
     images = [torch.rand(3, 64, 64, generator=g) * 255]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([2])}]
-    optim = torch.optim.Adam(model.head.parameters(), lr=1e-3)
-    history = []
-    for _ in range(30):
-        losses = model(images, targets)
-        optim.zero_grad()
-        sum(losses.values()).backward()
-        optim.step()
-        history.append({k: v.item() for k, v in losses.items()})
+    history = train_steps(model, images, targets, torch.optim.Adam(model.head.parameters(), lr=1e-3), 30)
     first, last = history[0], history[-1]
     assert last["loss_cls"] < 0.3 * first["loss_cls"], history
     assert last["loss_box_reg"] < 0.9 * first["loss_box_reg"], history

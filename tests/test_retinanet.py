@@ -16,6 +16,8 @@ from sparsedet.models import build_model
 from sparsedet.models.dense import (ForegroundNormalizer, IoUMatcher, LevelOutputs, dense_detection_losses,
                                     postprocess_image)
 
+from overfit_helpers import train_steps
+
 TINY = {"name": "retinanet", "num_classes": 3, "backbone": {"depth": 18, "weights": None},
         "fpn": {"channels": 32}, "head": {"num_convs": 2}}
 
@@ -251,13 +253,6 @@ def test_retinanet_overfits_two_images(single_thread):
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 44.0]]), "labels": torch.tensor([0])},
                {"boxes": torch.tensor([[20.0, 16.0, 60.0, 60.0]]), "labels": torch.tensor([1])}]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    history = []
-    for _ in range(40):
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
+    history = [sum(losses.values()) for losses in
+               train_steps(model, images, targets, torch.optim.SGD(params, lr=0.01, momentum=0.9), 40)]
     assert history[-1] < 0.5 * history[0], history

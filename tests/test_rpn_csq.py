@@ -16,6 +16,8 @@ from sparsedet.models import build_model
 from sparsedet.models.dense.iou_matcher import IoUMatcher
 from sparsedet.models.faster_rcnn import RPNLevelOutputs, label_rpn_anchors, rpn_losses, select_proposals
 
+from overfit_helpers import train_steps
+
 TINY = {"name": "faster_rcnn", "num_classes": 5, "backbone": {"depth": 18, "weights": None},
         "fpn": {"channels": 32}, "roi_heads": {"representation_size": 64, "batch_size_per_image": 64},
         "rpn": {"pre_nms_topk_train": 300, "post_nms_topk_train": 100, "pre_nms_topk_test": 200,
@@ -245,14 +247,7 @@ def test_overfit_one_image():
     images = [torch.rand(3, 64, 64, generator=g) * 255]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0], [36.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([2, 1])}]
     params = list(model.rpn_head.parameters()) + list(model.roi_heads.parameters())
-    optim = torch.optim.Adam(params, lr=1e-3)
-    history = []
-    for _ in range(30):
-        losses = model(images, targets)
-        optim.zero_grad()
-        sum(losses.values()).backward()
-        optim.step()
-        history.append({k: v.item() for k, v in losses.items()})
+    history = train_steps(model, images, targets, torch.optim.Adam(params, lr=1e-3), 30)
     first, last = history[0], history[-1]
     assert sum(last.values()) < 0.6 * sum(first.values()), history
     assert last["loss_rpn_cls"] < 0.7 * first["loss_rpn_cls"], history
