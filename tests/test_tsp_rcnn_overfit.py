@@ -39,7 +39,12 @@ def test_tsp_rcnn_overfits_real_images(shared_data):
         targets.append({"boxes": record.boxes * (resized.shape[-1] / image.shape[-1]), "labels": record.labels})
     model = build_model("tsp_rcnn/mobilenetv2_fpn_cpu", [f"model.num_classes={dataset.num_classes}",
                                                          "model.roi_heads.dropout=0.0",
-                                                         "model.roi_heads.keep_ratio_min=1.0"])
+                                                         "model.roi_heads.keep_ratio_min=1.0",
+                                                         # the CPU config's former 100 proposals (it now has 300)
+                                                         "model.rpn.pre_nms_topk_train=500",
+                                                         "model.rpn.pre_nms_topk_test=300",
+                                                         "model.rpn.num_proposals=100",
+                                                         "model.roi_heads.batch_size_per_image=100"])
     solver = dict(model.config["solver"], base_lr=0.02, warmup_iters=10, steps=[int(0.8 * ITERATIONS)])
     solver["param_groups"] = [dict(solver["param_groups"][0], lr=1e-3)]   # AdamW encoder, faster for one batch
     history = fit_batch(model, images, targets, ITERATIONS, solver, progress=False)
