@@ -21,7 +21,12 @@ def test_tsp_rcnn_overfits_real_images(overfit_batch):
         pytest.skip("needs the MobileNetV2 ImageNet weights package")
     model = build_model("tsp_rcnn/mobilenetv2_fpn_cpu", [f"model.num_classes={overfit_batch.dataset.num_classes}",
                                                          "model.roi_heads.dropout=0.0",
-                                                         "model.roi_heads.keep_ratio_min=1.0"])
+                                                         "model.roi_heads.keep_ratio_min=1.0",
+                                                         # the CPU config's former 100 proposals (it now has 300)
+                                                         "model.rpn.pre_nms_topk_train=500",
+                                                         "model.rpn.pre_nms_topk_test=300",
+                                                         "model.rpn.num_proposals=100",
+                                                         "model.roi_heads.batch_size_per_image=100"])
     encoder_group = dict(model.config["solver"]["param_groups"][0], lr=1.5e-3)   # AdamW encoder, faster for one batch
     history, metrics = overfit(model, overfit_batch, ITERATIONS, base_lr=0.02, param_groups=[encoder_group])
     assert_learned(history, metrics, max_loss_ratio=0.3, min_ap50=MIN_AP50, min_ap=MIN_AP)
