@@ -32,7 +32,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -72,10 +72,16 @@ class Trainer:
         resume: continue from ``output_dir/last.pth`` (``True``) or from a given checkpoint path.
         device: ``cpu``/``cuda``; default CUDA when available.
         progress: show a progress bar (main process only).
+        model_builder: builds the detector from the resolved config (``model.num_classes`` already
+            set from ``data.train``); default :func:`sparsedet.models.build_model`. For detectors
+            outside the ``MODELS`` registry that follow its conventions (loss dict in training,
+            ``{boxes, scores, labels}`` in original pixels in eval), e.g. the torchvision baselines
+            of ``benchmarks/learning.py``.
     """
 
     def __init__(self, config: Mapping, output_dir: str | Path, resume: bool | str | Path = False,
-                 device: Optional[str] = None, progress: bool = True):
+                 device: Optional[str] = None, progress: bool = True,
+                 model_builder: Optional[Callable[[dict], nn.Module]] = None):
         self.config = copy.deepcopy(dict(config))
         self.output_dir = Path(output_dir)
         self.ctx: DistributedContext = init_distributed(device)
@@ -85,7 +91,8 @@ class Trainer:
         self._stop_requested = False
         self.stopped_early = False  # set when a stop request (Ctrl-C) ended train() before max_iter
 
-        model_config(self.config)  # a typo in model.* fails now, not after reading the data
+        if model_builder is None:
+            model_config(self.config)  # a typo in model.* fails now, not after reading the data
         self._make_portable()
         data_cfg = self.config.get("data") or {}
         if not data_cfg.get("train"):
@@ -105,7 +112,7 @@ class Trainer:
         self._record_classes()
 
         torch.manual_seed(int(self.solver["seed"]))
-        self.model = build_model(self.config)
+        self.model = (model_builder or build_model)(self.config)
         if self.solver["sync_bn"] and self.ctx.enabled and self.ctx.device.type == "cuda":
             # Trainable BatchNorm (e.g. TSP's P6/P7 block) normalises over the global batch, as
             # detectron2's SyncBN; FrozenBatchNorm is not a BatchNorm and stays as it is.

@@ -1,0 +1,68 @@
+"""benchmarks/learning.py: a two-step row of a sparsedet config and of a torchvision detector on two
+raccoon images produces a well-formed result json, and the table shows it (and the rows not run)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+
+
+@pytest.fixture(scope="module")
+def learning():
+    spec = importlib.util.spec_from_file_location("learning_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["learning_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tiny sizes: the rows' recipes are kept, only the images are made small.
+TINY = ["solver.max_iter=2", "solver.eval_period=1", "input.min_size_train=[128]", "input.max_size_train=192",
+        "input.min_size_test=128", "input.max_size_test=192"]
+
+
+@pytest.mark.parametrize("row, extra", [
+    ("retinanet/mobilenetv2_fpn_cpu", ["model.fpn.channels=16"]),
+    ("tv:fcos", ["model.fpn_channels=32"]),
+])
+def test_row_json_and_table(learning, shared_data, tmp_path, single_thread, row, extra):
+    split = tmp_path / "two.txt"
+    split.write_text("raccoon-1\nraccoon-2\n")
+    results = tmp_path / "results"
+    overrides = TINY + extra + [f"data.train.split={split}", f"data.val.split={split}"]
+    assert learning.main(["--only", row, "--results-dir", str(results), "--work-dir", str(tmp_path / "work"),
+                          "--data-root", str(shared_data), "--no-progress", *overrides]) == 0
+
+    record = json.loads((results / learning.row_file_name(row)).read_text())
+    assert record["row"] == row and record["steps"] == 2
+    assert record["kind"] == ("torchvision" if row.startswith("tv:") else "sparsedet")
+    assert [e["step"] for e in record["evaluations"]] == [1, 2]
+    for evaluation in record["evaluations"]:
+        assert 0.0 <= evaluation["AP"] <= evaluation["AP50"] <= 100.0
+    assert record["s_per_step"] > 0 and record["wall_s"] >= record["train_s"] > 0
+    assert isinstance(record["final_train_loss"], float) and record["final_train_loss"] > 0
+    assert record["solver"]["images_per_batch"] == 4 and record["solver"]["max_iter"] == 2
+    assert record["input"]["max_size_train"] == 192 and record["overrides"] == overrides
+    assert len(record["load_before"]) == 3 and "learning.py" in record["command"]
+    if row.startswith("tv:"):
+        # torchvision's recipe at batch 4: reference lr 0.01 x 4/16, lr steps at epochs 16, 22 of 26.
+        assert record["solver"]["optimizer"] == "sgd" and record["solver"]["base_lr"] == pytest.approx(0.0025)
+        assert record["solver"]["steps"] == [246, 338]
+    else:
+        assert record["solver"]["steps"] == [320, 380]  # the config's own, already for 400 steps
+
+    table = learning.format_table(results)
+    line = next(l for l in table.splitlines() if f"`{row}`" in l)
+    assert "@1:" in line and "@2:" in line and "not run yet" not in line
+    others = [l for l in table.splitlines() if "`" in l and f"`{row}`" not in l]
+    assert len(others) == len(learning.ROWS) - 1 and all("not run yet" in l for l in others)
+
+
+def test_budget_overrides_scale_the_schedule(learning, tmp_path):
+    overrides = learning.budget_overrides({"max_iter": 3000, "steps": [2400, 2800]}, tmp_path)
+    assert overrides["solver.max_iter"] == 400 and overrides["solver.steps"] == [320, 373]
+    assert overrides["solver.images_per_batch"] == 4 and overrides["solver.eval_period"] == 100
+    assert overrides["data.train"]["split"] == "raccoon/train.txt" and overrides["data.val"]["format"] == "voc"
