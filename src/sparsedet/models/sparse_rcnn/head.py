@@ -157,6 +157,11 @@ class DynamicHead(nn.Module):
             bias_value = -math.log((1 - cfg.loss.prior_prob) / cfg.loss.prior_prob)
             for stage in self.head_series:
                 nn.init.constant_(stage.class_logits.bias, bias_value)
+        if cfg.box_delta_init == "zero":
+            # Opt-in (not official): every stage starts by passing its input boxes through unchanged.
+            for stage in self.head_series:
+                nn.init.zeros_(stage.bboxes_delta.weight)
+                nn.init.zeros_(stage.bboxes_delta.bias)
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor, proposal_features: Tensor) -> list[dict]:
         """
