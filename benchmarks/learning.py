@@ -225,6 +225,7 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
                    "max_long_side": MAX_LONG_SIDE, "train": "raccoon/train.txt", "val": "raccoon/val.txt"},
         "evaluations": trainer.evaluations,
         "steps": steps,
+        "stopped_early": trainer.stopped_early,  # Ctrl-C: the row holds the evaluations made so far
         "wall_s": round(time.perf_counter() - start, 1),
         "train_s": round(loop_seconds - trainer.eval_seconds, 1),
         "eval_s": round(trainer.eval_seconds, 1),
@@ -254,7 +255,8 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
 
 
 def format_table(results_dir: Path) -> str:
-    """Markdown table of every row (``not run yet`` where ``results_dir`` has no json for it)."""
+    """Markdown table of every row (``not run yet`` where ``results_dir`` has no json for it; a run
+    stopped by Ctrl-C before step 400 shows its evaluations so far)."""
     header = ["row"] + [f"AP / AP50 @{s}" for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)] + [
         "wall", "s/step", "device, threads", "load (1 min, before/after)", "final train loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -268,12 +270,18 @@ def format_table(results_dir: Path) -> str:
             continue
         record = json.loads(path.read_text())
         by_step = {e["step"]: e for e in record.get("evaluations", [])}
-        cells = [f"{by_step[s]['AP']:.1f} / {by_step[s]['AP50']:.1f}" if s in by_step else "–"
+        steps, planned = record.get("steps"), (record.get("solver") or {}).get("max_iter", STEPS)
+        missing = "not reached" if steps < planned else "–"
+        cells = [f"{by_step[s]['AP']:.1f} / {by_step[s]['AP50']:.1f}" if s in by_step else missing
                  for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)]
-        if record.get("steps") != STEPS:  # a smoke run: show what it did evaluate
+        name = f"`{record.get('row', row)}`"
+        if planned != STEPS:  # a smoke run (solver.max_iter overridden): what it did evaluate
             cells[-1] = "; ".join(f"@{e['step']}: {e['AP']:.1f} / {e['AP50']:.1f}" for e in by_step.values()) or "–"
+            name += f" (not the budget: {planned} steps)"
+        elif steps < planned:  # stopped (Ctrl-C) before the end of the budget
+            name += f" (stopped at step {steps} of {planned})"
         loss = record.get("final_train_loss")
-        lines.append("| " + " | ".join([f"`{record.get('row', row)}`", *cells,
+        lines.append("| " + " | ".join([name, *cells,
                                         f"{record['wall_s'] / 60:.1f} min", f"{record['s_per_step']:.2f}",
                                         f"{record.get('device', 'cpu')}, {record.get('threads', '?')}",
                                         f"{record['load_before'][0]:.1f} / {record['load_after'][0]:.1f}",

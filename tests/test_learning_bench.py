@@ -66,3 +66,16 @@ def test_budget_overrides_scale_the_schedule(learning, tmp_path):
     assert overrides["solver.max_iter"] == 400 and overrides["solver.steps"] == [320, 373]
     assert overrides["solver.images_per_batch"] == 4 and overrides["solver.eval_period"] == 100
     assert overrides["data.train"]["split"] == "raccoon/train.txt" and overrides["data.val"]["format"] == "voc"
+
+
+def test_table_marks_a_stopped_run(learning, tmp_path):
+    record = {"row": "tv:retinanet", "steps": 150, "stopped_early": True, "solver": {"max_iter": 400},
+              "evaluations": [{"step": 100, "AP": 41.25, "AP50": 80.5}], "wall_s": 600.0, "s_per_step": 3.5,
+              "device": "cpu", "threads": 1, "load_before": [3.0, 2, 1], "load_after": [4.0, 3, 2],
+              "final_train_loss": 0.5}
+    (tmp_path / learning.row_file_name("tv:retinanet")).write_text(json.dumps(record))
+    line = next(l for l in learning.format_table(tmp_path).splitlines() if "tv:retinanet" in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["`tv:retinanet` (stopped at step 150 of 400)", "41.2 / 80.5", "not reached", "not reached",
+                         "not reached"]
+    assert cells[5:] == ["10.0 min", "3.50", "cpu, 1", "3.0 / 4.0", "0.500"]
