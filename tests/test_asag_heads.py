@@ -384,7 +384,7 @@ def test_no_query_at_all_gives_empty_outputs(kind):
 
 def test_decoder_bad_inputs_name_the_key():
     with pytest.raises(ValueError, match="model.decoder_type"):
-        ParallelDecoder("deformable", C)
+        ParallelDecoder("transformer", C)
     with pytest.raises(ValueError, match="model.activation"):
         ParallelDecoder("adamixer", C, content_dim=D, dim_feedforward=48, activation="tanh",
                         adamixer_points=(8, 16, 4))
