@@ -145,6 +145,9 @@ def test_patch_nms_merges_close_anchors_and_fast_cap():
     gen.cfg.anchors.fast_max_patches = 1
     out = gen(features(), [(H, W)], fast=True)
     assert len(out.patches["P4"].crops) == 1                      # fast path: capped
+    gen.cfg.anchors.max_patches = 1                               # the official CrowdHuman cap (60)
+    out = gen(features(), [(H, W)])
+    assert len(out.patches["P4"].crops) == 1                      # standard path: capped too
 
 
 def test_fast_equals_official_without_early_stop():

@@ -101,6 +101,7 @@ def test_crowdhuman_config_has_the_spec_values():
     cfg = model_config(config)
     assert (cfg.decoder_type, cfg.num_classes, cfg.test_head) == ("sparse_rcnn", 1, "aux_0")
     assert cfg.backbone.depth == 50 and cfg.test_nms_threshold == 0.8
+    assert cfg.anchors.max_patches == 60                             # the official CrowdHuman patch cap
     assert cfg.detections_per_image >= cfg.setting_value("max_anchors") * cfg.num_classes   # all Q kept
     sizes, solver = config["input"], config["solver"]
     assert sizes["min_size_train"] == list(range(640, 801, 32)) and sizes["max_size_train"] == 1500

@@ -55,6 +55,9 @@ TINY_CONFIGS = {
     "asag_a": ("asag/a_r50_fpn_100q_1x", ASAG, [(96, 128), (200, 264)]),        # setting 100: top-k only
     "asag_s": ("asag/s_r50_fpn_300q_3x", ASAG, [(96, 128), (200, 264)]),        # setting 300: with NMS
 }
+ASAG_D = ("asag/d_r50_300q_3x", ASAG + ["model.encoder.channels=64", "model.encoder.num_layers=1",
+                                        "model.encoder.num_heads=4", "model.encoder.dim_feedforward=64",
+                                        "model.encoder.norm_groups=8", "model.deformable_feedforward=64"])
 
 
 def set_size(model) -> int:
@@ -252,3 +255,21 @@ def test_cli_export_checkpoint_dynamic(tmp_path, capsys, shared_data):
     with torch.no_grad():
         expected = model(list(images))
     assert_same_detections(onnx_session(out).run(None, {"images": images.numpy()}), expected, 12)
+
+
+def test_asag_d_exports_at_a_fixed_size_and_refuses_dynamic(tmp_path, shared_data):
+    """ASAG-D (deformable encoder and head): onnxruntime equals PyTorch at the exported size;
+    ``dynamic`` is refused in one line (the deformable attention's level shapes are traced as constants)."""
+    torch.manual_seed(0)
+    model = build_model(*ASAG_D).eval()
+    for param_name, param in model.named_parameters():
+        if param_name.endswith(("fc_cls.bias", "class_embed.bias")):
+            torch.nn.init.zeros_(param)
+    with pytest.raises(ValueError, match="fixed input size: drop --dynamic"):
+        export_onnx(model, tmp_path / "asag_d_dynamic.onnx", image_size=(96, 128), dynamic=True)
+    path = export_onnx(model, tmp_path / "asag_d.onnx", image_size=(96, 128), max_detections=100)
+    images = real_images(shared_data, (96, 128))
+    outputs = onnx_session(path, threads=1).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = model(list(images))
+    assert_same_detections(outputs, expected, 100)

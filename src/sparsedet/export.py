@@ -165,7 +165,8 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: Sequence[i
         The path written.
 
     Raises:
-        ValueError: the model is in training mode, or the opset is not supported.
+        ValueError: the model is in training mode, the opset is not supported, or ``dynamic`` is
+            asked for a model with multi-scale deformable attention (ASAG-D: fixed size only).
         FileNotFoundError: the output folder does not exist.
     """
     if model.training:
@@ -182,6 +183,9 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: Sequence[i
         raise FileNotFoundError(f"output folder {path.parent} does not exist (for {path})")
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (H, W), got {tuple(image_size)}")
+    if dynamic and any(type(m).__name__ == "MSDeformAttn" for m in model.modules()):
+        raise ValueError("a model with multi-scale deformable attention (ASAG-D) exports at one fixed input "
+                         "size: drop --dynamic and give --image-size H W (its level shapes are fixed when traced)")
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"export runs on the CPU: move the model with model.cpu() (it is on {device})")

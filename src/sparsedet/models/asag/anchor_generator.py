@@ -228,7 +228,7 @@ class AnchorGenerator(nn.Module):
                 rows, cols = selected.nonzero(as_tuple=True)
                 chosen = select_patches(current[rows, cols, :2], current[rows, cols, 4], current_image[rows],
                                         stride, cfg.patch_nms_threshold, self.patch_size,
-                                        cfg.fast_max_patches if fast else None)
+                                        cfg.fast_max_patches if fast else cfg.max_patches)
                 crop_images = current_image[rows[chosen]]
                 crops = crop_positions(current[rows[chosen], cols[chosen], :2], stride, sizes_wh[crop_images],
                                        self.patch_size)

@@ -40,6 +40,9 @@ class AnchorGeneratorConfig:
         fast_stop_below: fast inference only: an image stops probing when fewer than this many of
             its anchors are selected (paper: 3).
         fast_max_patches: fast inference only: patches per image and level kept after NMS (15).
+        max_patches: patches per image and level kept after NMS in the standard forward (training
+            and official inference); ``null`` = no cap (official COCO code), 60 in the official
+            CrowdHuman code.
         activation: ``gelu`` (official) or ``relu`` inside the compress blocks and MLPs.
     """
 
@@ -59,6 +62,7 @@ class AnchorGeneratorConfig:
     max_anchors: Optional[int] = None
     fast_stop_below: int = 3
     fast_max_patches: int = 15
+    max_patches: Optional[int] = None
     activation: str = "gelu"
 
 
@@ -182,6 +186,8 @@ class ASAGConfig:
                               f"got {self.anchors.inference_levels!r}")
         if self.activation not in ("gelu", "relu") or self.anchors.activation not in ("gelu", "relu"):
             raise ConfigError("model.activation and model.anchors.activation must be 'gelu' or 'relu'")
+        if self.anchors.max_patches is not None and self.anchors.max_patches < 1:
+            raise ConfigError(f"model.anchors.max_patches must be null or an integer >= 1, got {self.anchors.max_patches}")
         if not 1 <= self.num_heads_decoder <= 4:
             raise ConfigError(f"model.num_heads_decoder must be 1..4, got {self.num_heads_decoder}")
         self.test_head_index()  # validates test_head
