@@ -519,8 +519,8 @@ def model_candidate(model: nn.Module, batches: Sequence[Sequence[torch.Tensor]],
 
 def onnx_candidate(model: nn.Module, batches: Sequence[Sequence[torch.Tensor]], folder, threads: Optional[int],
                    name: Optional[str] = None) -> Candidate:
-    """Exports ``model`` (dynamic H, W; the batch size of ``batches``) into ``folder`` and times it
-    in onnxruntime on the same inputs."""
+    """Exports ``model`` (the batch size of ``batches``; dynamic H, W only when the batches hold
+    several image sizes) into ``folder`` and times it in onnxruntime on the same inputs."""
     from pathlib import Path
 
     from .export import export_onnx, onnx_session
@@ -533,8 +533,9 @@ def onnx_candidate(model: nn.Module, batches: Sequence[Sequence[torch.Tensor]], 
                          "(use --sizes, or --batch 1 with --images)")
     first = batches[0][0]
     base = getattr(model, "bench_name", "model").replace("/", "_").replace(":", "_")
+    dynamic = len({tuple(im.shape) for b in batches for im in b}) > 1
     path = export_onnx(model.cpu(), Path(folder) / f"{Path(base).stem}.onnx", image_size=tuple(first.shape[-2:]),
-                       dynamic=True, batch_size=sizes.pop())
+                       dynamic=dynamic, batch_size=sizes.pop())
     session = onnx_session(path, threads)
     arrays = [torch.stack([im.cpu() for im in b]).numpy() for b in batches]
 
