@@ -53,8 +53,9 @@ if "--omp-passive" in sys.argv:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sparsedet.benchmark import (POSTPROCESS, benchmark, format_results, load_average, load_detector,  # noqa: E402
-                                 machine_header, model_candidate, parse_size, random_image, warn_if_busy)
+from sparsedet.benchmark import (POSTPROCESS, add_timing_arguments, benchmark, format_results,  # noqa: E402
+                                 load_average, load_detector, machine_header, model_candidate, parse_size,
+                                 random_image, script_device, warn_if_busy)
 
 SPARSE_RCNN = "sparse_rcnn/r50_fpn_100pro_3x"
 ONE_HEAD = ["model.num_heads_decoder=1", "model.test_head=main"]
@@ -116,11 +117,8 @@ def anchor_stats(model) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_timing_arguments(p, runs=2, warmup=1)
     p.add_argument("--sizes", default="800x1216,512x768", help="image sizes HxW (default 800x1216,512x768)")
-    p.add_argument("--runs", type=int, default=2, help="timed interleaved runs (rounds) per model (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per model (default 1)")
     p.add_argument("--heads-runs", type=int, default=5,
                    help="interleaved runs of the head-only measurement (cached FPN features; default 5)")
     p.add_argument("--pin-anchors", type=int, default=100,
@@ -135,11 +133,9 @@ def main(argv=None) -> int:
         args.sizes, args.runs, args.heads_runs = "512x768", 1, 2
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = script_device(args)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     print(machine_header(device))
     warn_if_busy()
 

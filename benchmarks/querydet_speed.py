@@ -64,7 +64,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from sparsedet import build_model as sparsedet_build_model  # noqa: E402
-from sparsedet.benchmark import Clock, cpu_model, load_average, parse_size, random_image, warn_if_busy  # noqa: E402
+from sparsedet.benchmark import (Clock, add_timing_arguments, cpu_model, load_average, parse_size,  # noqa: E402
+                                 random_image, script_device, warn_if_busy)
 from sparsedet.benchmark import median_times as harness_median_times  # noqa: E402
 
 BACKBONES = {"resnet50": [], "mobilenet_v2": ["model.backbone.name=mobilenet_v2"]}
@@ -449,10 +450,7 @@ def bench_checkpoint(args, device, clock) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per model (median)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per model")
+    add_timing_arguments(p, runs=3, warmup=1)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one 384x640 image, 1 warm-up, 2 runs, sweep 5 and 25 %%")
     p.add_argument("--sizes", default="800x1333,1200x2000", help="image sizes HxW (default 800x1333,1200x2000)")
@@ -492,11 +490,9 @@ def main(argv=None) -> int:
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = script_device(args)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     clock = Clock(device)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}")
     print(f"threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")

@@ -65,8 +65,9 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from sparsedet import build_model as sparsedet_build_model  # noqa: E402
-from sparsedet.benchmark import (Candidate, Clock, Measure, Part, benchmark, cpu_model, default_parts,  # noqa: E402
-                                 format_results, load_average, parse_size, random_image, warn_if_busy)
+from sparsedet.benchmark import (Candidate, Clock, Measure, Part, add_timing_arguments, benchmark,  # noqa: E402
+                                 cpu_model, default_parts, format_results, load_average, parse_size,
+                                 random_image, script_device, warn_if_busy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,10 +274,7 @@ def bench_training(args, build_model, device: torch.device, clock: Clock) -> boo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--runs", type=int, default=5, help="timed inference runs per model and size (median)")
-    p.add_argument("--warmup", type=int, default=2, help="inference warm-up runs per model and size")
+    add_timing_arguments(p, runs=5, warmup=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 2 runs (inference and training)")
     p.add_argument("--sizes", default="800x1216,512x768",
                    help="inference image sizes HxW, comma separated (default 800x1216,512x768)")
@@ -307,11 +305,9 @@ def main(argv=None) -> int:
     args.train_sizes = [int(s) for s in args.train_sizes.split(",") if s]
     args.targets = [int(s) for s in args.targets.split(",") if s]
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = script_device(args)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     clock = Clock(device)
 
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}")

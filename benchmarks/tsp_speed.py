@@ -47,9 +47,9 @@ if "--omp-passive" in sys.argv:
 
 import torch  # noqa: E402
 
-from sparsedet.benchmark import (Clock, benchmark, format_results, load_average, load_detector,  # noqa: E402
-                                 machine_header, model_candidate, parse_size, random_image, timed_functions,
-                                 training_step_times, warn_if_busy)
+from sparsedet.benchmark import (Clock, add_timing_arguments, benchmark, format_results, load_average,  # noqa: E402
+                                 load_detector, machine_header, model_candidate, parse_size, random_image,
+                                 script_device, timed_functions, training_step_times, warn_if_busy)
 from sparsedet.config import load_config  # noqa: E402
 from sparsedet.engine.optim import build_optimizer  # noqa: E402
 from sparsedet.models import build_model  # noqa: E402
@@ -230,11 +230,8 @@ def print_training_summary(args, rows) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_timing_arguments(p, runs=2, warmup=1)
     p.add_argument("--sizes", default="800x1216,512x768", help="inference sizes HxW (default 800x1216,512x768)")
-    p.add_argument("--runs", type=int, default=2, help="timed interleaved runs (rounds) per model (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per model (default 1)")
     p.add_argument("--repeat", type=int, default=1, help="repetitions of the whole interleaved measurement (default 1)")
     p.add_argument("--train-size", default="512x768", help="training-step image size HxW (default 512x768)")
     p.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2)")
@@ -255,11 +252,9 @@ def main(argv=None) -> int:
     args.train_size = parse_size(args.train_size)
     args.targets = [int(s) for s in args.targets.split(",") if s]
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    device = script_device(args)
+    if device is None:
         return 2
-    torch.set_num_threads(args.threads)
     clock = Clock(device)
     print(machine_header(device))
     warn_if_busy()

@@ -27,6 +27,7 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -50,6 +51,26 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def add_timing_arguments(parser, runs: int = 3, warmup: int = 1) -> None:
+    """The options every timing script shares: ``--threads``, ``--device``, ``--runs``, ``--warmup``."""
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--runs", type=int, default=runs, help=f"timed interleaved runs per model (default {runs})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"warm-up runs per model (default {warmup})")
+
+
+def script_device(args) -> Optional[torch.device]:
+    """A timing script's device from ``args.device`` with ``args.threads`` set; ``None`` after one
+    error line on stderr when CUDA is asked for and missing (the script then exits 2)."""
+    try:
+        device = check_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    torch.set_num_threads(args.threads)
+    return device
 
 
 def check_device(device: str) -> torch.device:
