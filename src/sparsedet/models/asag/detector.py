@@ -5,8 +5,8 @@ block ("rpn": RoIAlign content queries, one IoF self-attention layer, supervised
 four parallel one-layer heads (AdaMixer for ASAG-A, Sparse R-CNN for ASAG-S) fed the same
 detached proposals. ASAG-D (``decoder_type: deformable``, spec §3.3, a reconstruction without
 official code) swaps the FPN for a deformable encoder (E3..E6, strides 8..64: the generator reads
-E3..E5) and the heads for Deformable-DETR decoder layers. Training supervises the anchors, the proposals and every head; inference
-returns one head (``model.test_head``).
+E3..E5) and the heads for Deformable-DETR decoder layers. Training supervises the anchors, the
+proposals and every head; inference returns one head (``model.test_head``).
 
 The anchors of the last forward are kept in ``model.last_anchors`` (a ``GeneratedAnchors``:
 ``boxes`` (B, Q, 4) pixel cxcywh in the network input, ``scores``, ``valid``, ``levels`` and the
@@ -94,7 +94,10 @@ class ASAG(nn.Module):
             raise ConfigError("model.fast_inference=true is an inference-only path (early stop and patch cap); "
                               "set model.fast_inference=false for training")
         batch, image_sizes = preprocess_inputs(self, images, targets, original_sizes)
-        maps = self.backbone(batch, _sizes_tensor(image_sizes, batch.device)) if self.deformable else self.backbone(batch)
+        if self.deformable:   # the encoder masks each image's padding
+            maps = self.backbone(batch, image_sizes_tensor(image_sizes, torch.int64, batch.device))
+        else:
+            maps = self.backbone(batch)
         features = [f.float() for f in maps.values()]
         # Autocast (solver.amp) covers only the backbone and FPN, as in the official code.
         with torch.autocast(batch.device.type, enabled=False):
@@ -162,11 +165,6 @@ class ASAG(nn.Module):
                 f"model.num_heads_decoder={self.cfg.num_heads_decoder} (model.test_head={self.cfg.test_head!r}); "
                 f"a one-head checkpoint needs model.num_heads_decoder=1 model.test_head=main")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _sizes_tensor(image_sizes, device) -> Tensor:
-    """[(h, w)] -> (B, 2) int64 tensor."""
-    return torch.tensor(image_sizes, dtype=torch.int64, device=device).view(-1, 2)
 
 
 def _detached(anchors: GeneratedAnchors) -> GeneratedAnchors:
