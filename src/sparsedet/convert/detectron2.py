@@ -8,7 +8,7 @@ detectron2 names (``backbone.bottom_up.*``, ``backbone.fpn_lateral{k}``, ``backb
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..models.backbones.build import detectron2_resnet_key
 
@@ -23,6 +23,12 @@ _TO_D2_RESNET = [
     (r"^layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
     (r"^layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
 ]
+
+# ResNet (bottleneck?, blocks in res2..res5) -> depth
+RESNET_DEPTHS = {
+    (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
+    (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
+}
 
 _FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$")
 _OUR_FPN = re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)$")
@@ -66,3 +72,20 @@ def backbone_to_official_key(key: str, first_fpn_stage: int) -> Optional[str]:
     if match:
         return f"backbone.top_block.{match[1]}"
     return None
+
+
+def resnet_blocks(mapped: Mapping) -> tuple[bool, tuple[int, ...]]:
+    """(bottleneck?, blocks in res2..res5) of the ``backbone.body.*`` keys of a converted state_dict."""
+    blocks = tuple(len({int(m[1]) for k in mapped if (m := re.match(rf"backbone\.body\.layer{i}\.(\d+)\.", k))})
+                   for i in range(1, 5))
+    return "backbone.body.layer1.0.conv3.weight" in mapped, blocks
+
+
+def infer_bottleneck_resnet_depth(mapped: Mapping) -> int:
+    """50/101/152 from the converted ``backbone.body.*`` keys; ``ValueError`` for anything else."""
+    bottleneck, blocks = resnet_blocks(mapped)
+    depth = RESNET_DEPTHS.get((bottleneck, blocks))
+    if depth is None or not bottleneck:
+        raise ValueError(f"cannot infer a bottleneck ResNet depth (50/101/152, MSRA layout) from {blocks} "
+                         f"{'bottleneck' if bottleneck else 'basic'} blocks in res2..res5; is a block missing?")
+    return depth

@@ -41,15 +41,13 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from ..models.backbones.build import detectron2_resnet_key
 from .common import ConversionResult, describe_layout, summarize_keys
-from .sparse_rcnn import _RESNET_DEPTHS, _TO_D2_RESNET
+from .detectron2 import (BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key,
+                         infer_bottleneck_resnet_depth)
 
 BASE_CONFIGS = {"querydet": "querydet/r50_fpn_1x_coco", "retinanet": "retinanet/r50_fpn_1x_coco"}
 IGNORED_PREFIXES = ("pixel_mean", "pixel_std", "anchor_generator.", "query_anchor_generator.")
-BACKBONE_PREFIX = "backbone.bottom_up."
 
-_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$")
 _TOP = re.compile(r"^backbone\.top_block\.(p6|p7)\.(weight|bias)$")
 _HEAD_RULES = [
     # RetinaNetQueryDet ("RetinaNetHead_3x3", "Head_3x3")
@@ -75,16 +73,10 @@ def _even(match: re.Match, prefix: str) -> Optional[str]:
 def official_to_sparsedet_key(key: str, first_fpn_stage: int) -> Optional[str]:
     """Our name for an official key (None when no rule covers it). ``first_fpn_stage`` is the
     lowest FPN input stage (2 for QueryDet, 3 for RetinaNet): our FPN blocks count from it."""
-    if key.startswith(BACKBONE_PREFIX):
-        rest = key[len(BACKBONE_PREFIX):]
-        new = detectron2_resnet_key(rest)
-        return None if new == rest else "backbone.body." + new
-    match = _FPN.match(key)
-    if match:
-        kind = "inner_blocks" if match[1] == "lateral" else "layer_blocks"
-        index = int(match[2]) - first_fpn_stage
-        return None if index < 0 else f"backbone.fpn.{kind}.{index}.0.{match[3]}"
-    match = _TOP.match(key)
+    new = backbone_to_sparsedet_key(key, first_fpn_stage)
+    if new is not None or key.startswith(BACKBONE_PREFIX):
+        return new
+    match = _TOP.match(key)   # QueryDet's P6/P7 are plain convs (the TSP top block: conv + bn)
     if match:
         return f"backbone.fpn.extra_blocks.{match[1]}.{match[2]}"
     for pattern, rule in _HEAD_RULES:
@@ -96,20 +88,9 @@ def official_to_sparsedet_key(key: str, first_fpn_stage: int) -> Optional[str]:
 
 def sparsedet_to_official_key(key: str, arch: str, first_fpn_stage: int) -> str:
     """Inverse mapping, to name missing keys as the user's file would."""
-    if key.startswith("backbone.body."):
-        rest = key[len("backbone.body."):]
-        for pattern, repl in _TO_D2_RESNET:
-            new, count = re.subn(pattern, repl, rest)
-            if count:
-                return BACKBONE_PREFIX + new
-        return key
-    match = re.match(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)$", key)
-    if match:
-        kind = "lateral" if match[1] == "inner" else "output"
-        return f"backbone.fpn_{kind}{int(match[2]) + first_fpn_stage}.{match[3]}"
-    match = re.match(r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.(.+)$", key)
-    if match:
-        return f"backbone.top_block.{match[1]}.{match[2]}"
+    official = backbone_to_official_key(key, first_fpn_stage)
+    if official is not None:
+        return official
     match = re.match(r"^head\.(cls|box)_tower\.subnet\.(\d+)\.(.+)$", key)
     if match:
         kind = "cls" if match[1] == "cls" else "bbox"
@@ -167,13 +148,7 @@ def infer_overrides(mapped: Mapping[str, torch.Tensor], arch: str, num_anchors: 
             raise KeyError(key)
         return tuple(mapped[key].shape)
 
-    blocks = tuple(len({int(m[1]) for k in mapped if (m := re.match(rf"backbone\.body\.layer{i}\.(\d+)\.", k))})
-                   for i in range(1, 5))
-    bottleneck = "backbone.body.layer1.0.conv3.weight" in mapped
-    depth = _RESNET_DEPTHS.get((bottleneck, blocks))
-    if depth is None or not bottleneck:
-        raise ValueError(f"cannot infer a bottleneck ResNet depth (50/101/152, MSRA layout) from {blocks} "
-                         f"{'bottleneck' if bottleneck else 'basic'} blocks in res2..res5; is a block missing?")
+    depth = infer_bottleneck_resnet_depth(mapped)
     cls_out = shape("head.cls_tower.predictors.0.weight")[0]
     box_out = shape("head.box_tower.predictors.0.weight")[0]
     if box_out != 4 * num_anchors or cls_out % num_anchors:

@@ -34,7 +34,8 @@ import torch
 
 from ..models import build_model
 from ..models.backbones.build import detectron2_resnet_key
-from .detectron2 import _TO_D2_RESNET  # noqa: F401  (re-exported; querydet imports it from here)
+from .detectron2 import RESNET_DEPTHS as _RESNET_DEPTHS
+from .detectron2 import _TO_D2_RESNET, resnet_blocks
 from .common import ConversionResult, describe_layout, summarize_keys
 
 BASE_CONFIG = "sparse_rcnn/r50_fpn_100pro_3x"
@@ -45,11 +46,6 @@ _OFFICIAL_FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$
 _OUR_FPN = re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d)\.0\.(weight|bias)$")
 _STAGE = re.compile(r"^head\.head_series\.(\d+)\.")
 
-# ResNet (bottleneck?, blocks in res2..res5) -> depth
-_RESNET_DEPTHS = {
-    (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
-    (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
-}
 
 class MissingKeyError(ValueError):
     """A tensor needed to infer the architecture is absent; ``key`` is its sparsedet name."""
@@ -163,9 +159,7 @@ def infer_overrides(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 def _infer_backbone(s: Mapping[str, torch.Tensor], shape) -> dict:
     if "backbone.body.conv1.weight" in s:
-        blocks = tuple(len({int(m[1]) for k in s if (m := re.match(rf"backbone\.body\.layer{i}\.(\d+)\.", k))})
-                       for i in range(1, 5))
-        bottleneck = "backbone.body.layer1.0.conv3.weight" in s
+        bottleneck, blocks = resnet_blocks(s)
         depth = _RESNET_DEPTHS.get((bottleneck, blocks))
         if depth is None:
             known = ", ".join(f"R-{d}: {b}" for (_, b), d in _RESNET_DEPTHS.items())

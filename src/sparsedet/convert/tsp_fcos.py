@@ -31,9 +31,9 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from .detectron2 import BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key
+from .detectron2 import (BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key,
+                         infer_bottleneck_resnet_depth)
 from .common import ConversionResult, describe_layout, summarize_keys
-from .sparse_rcnn import _RESNET_DEPTHS
 
 BASE_CONFIG = "tsp_fcos/r50_fpn_3x"
 IGNORED = ("pixel_mean", "pixel_std")
@@ -91,13 +91,7 @@ def infer_overrides(mapped: Mapping[str, torch.Tensor]) -> dict:
             raise KeyError(key)
         return tuple(mapped[key].shape)
 
-    blocks = tuple(len({int(m[1]) for k in mapped if (m := re.match(rf"backbone\.body\.layer{i}\.(\d+)\.", k))})
-                   for i in range(1, 5))
-    bottleneck = "backbone.body.layer1.0.conv3.weight" in mapped
-    depth = _RESNET_DEPTHS.get((bottleneck, blocks))
-    if depth is None or not bottleneck:
-        raise ValueError(f"cannot infer a bottleneck ResNet depth (50/101/152, MSRA layout) from {blocks} "
-                         f"{'bottleneck' if bottleneck else 'basic'} blocks in res2..res5; is a block missing?")
+    depth = infer_bottleneck_resnet_depth(mapped)
     num_levels = shape("pyramid_position_embedding")[0]
     if num_levels != 5:
         raise ValueError(f"pyramid_position_embedding has {num_levels} rows; TSP-FCOS detects on P3..P7 (5 levels)")

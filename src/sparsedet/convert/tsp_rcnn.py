@@ -32,7 +32,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..models import build_model
-from .detectron2 import BACKBONE_PREFIX, backbone_to_official_key, backbone_to_sparsedet_key
+from .detectron2 import backbone_to_official_key, backbone_to_sparsedet_key
 from .common import ConversionResult, describe_layout, summarize_keys
 from .sparse_rcnn import MissingKeyError, _infer_backbone
 
