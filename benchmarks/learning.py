@@ -213,7 +213,11 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
     trainer = TimedTrainer(config, output, device=device, progress=progress, model_builder=builder)
     setup_seconds = time.perf_counter() - start
     train_start = time.perf_counter()
-    trainer.train()
+    diverged = None
+    try:
+        trainer.train()
+    except FloatingPointError as error:  # the trainer's NaN/inf guard: a result of the row, not a crash
+        diverged = str(error).split(";")[0]
     loop_seconds = time.perf_counter() - train_start
     steps = trainer.iteration
     record = {
@@ -226,6 +230,7 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
         "evaluations": trainer.evaluations,
         "steps": steps,
         "stopped_early": trainer.stopped_early,  # Ctrl-C: the row holds the evaluations made so far
+        "diverged": diverged,  # the trainer's message when the loss stayed NaN/inf, else None
         "wall_s": round(time.perf_counter() - start, 1),
         "train_s": round(loop_seconds - trainer.eval_seconds, 1),
         "eval_s": round(trainer.eval_seconds, 1),
@@ -256,7 +261,7 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
 
 def format_table(results_dir: Path) -> str:
     """Markdown table of every row (``not run yet`` where ``results_dir`` has no json for it; a run
-    stopped by Ctrl-C before step 400 shows its evaluations so far)."""
+    stopped by Ctrl-C or by a NaN/inf loss before step 400 shows its evaluations so far)."""
     header = ["row"] + [f"AP / AP50 @{s}" for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)] + [
         "wall", "s/step", "device, threads", "load (1 min, before/after)", "final train loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -271,13 +276,15 @@ def format_table(results_dir: Path) -> str:
         record = json.loads(path.read_text())
         by_step = {e["step"]: e for e in record.get("evaluations", [])}
         steps, planned = record.get("steps"), (record.get("solver") or {}).get("max_iter", STEPS)
-        missing = "not reached" if steps < planned else "–"
+        missing = "diverged" if record.get("diverged") else "not reached" if steps < planned else "–"
         cells = [f"{by_step[s]['AP']:.1f} / {by_step[s]['AP50']:.1f}" if s in by_step else missing
                  for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)]
         name = f"`{record.get('row', row)}`"
         if planned != STEPS:  # a smoke run (solver.max_iter overridden): what it did evaluate
             cells[-1] = "; ".join(f"@{e['step']}: {e['AP']:.1f} / {e['AP50']:.1f}" for e in by_step.values()) or "–"
             name += f" (not the budget: {planned} steps)"
+        elif record.get("diverged"):  # NaN/inf loss: the trainer stopped the run
+            name += f" (diverged: NaN/inf loss at step {steps} of {planned})"
         elif steps < planned:  # stopped (Ctrl-C) before the end of the budget
             name += f" (stopped at step {steps} of {planned})"
         loss = record.get("final_train_loss")

@@ -79,3 +79,16 @@ def test_table_marks_a_stopped_run(learning, tmp_path):
     assert cells[:5] == ["`tv:retinanet` (stopped at step 150 of 400)", "41.2 / 80.5", "not reached", "not reached",
                          "not reached"]
     assert cells[5:] == ["10.0 min", "3.50", "cpu, 1", "3.0 / 4.0", "0.500"]
+
+
+def test_table_marks_a_diverged_run(learning, tmp_path):
+    record = {"row": "fcos/mobilenetv2_fpn_cpu", "steps": 54, "stopped_early": False,
+              "diverged": "the loss was NaN/inf in 5 consecutive iterations (last at 54): training diverged. ",
+              "solver": {"max_iter": 400}, "evaluations": [], "wall_s": 420.0, "s_per_step": 7.0, "device": "cpu",
+              "threads": 1, "load_before": [2.0, 2, 2], "load_after": [2.0, 2, 2], "final_train_loss": 7.4}
+    (tmp_path / learning.row_file_name("fcos/mobilenetv2_fpn_cpu")).write_text(json.dumps(record))
+    line = next(l for l in learning.format_table(tmp_path).splitlines() if "fcos/mobilenetv2_fpn_cpu" in l
+                and "tsp" not in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "`fcos/mobilenetv2_fpn_cpu` (diverged: NaN/inf loss at step 54 of 400)"
+    assert cells[1:5] == ["diverged"] * 4
