@@ -22,7 +22,8 @@ config of its family.
     python benchmarks/learning.py --table --results-dir DIR        # the markdown table of DIR/*.json
 
 Each row writes ``DIR/<row>.json`` (``/`` and ``:`` as ``_``): val AP/AP50 per evaluation, wall
-time, seconds per training step (evaluation excluded), final training loss, load average, the
+time, seconds per training step (evaluation excluded), final training loss, ``diverged`` (the
+trainer's message when it stopped the run for a NaN/inf loss, else null), load average, the
 command and the resolved solver/input sections. KEY=VALUE overrides apply after the budget (e.g.
 ``solver.max_iter=2`` for a smoke run; the row records them). The training outputs (checkpoints,
 metrics.jsonl, train.log) go to ``--work-dir/<row>`` (default ``runs/learning``).
