@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from asag_helpers import assert_batch_of_three_equals_singles
 import sparsedet
 from sparsedet.config import ConfigError
 from sparsedet.models import build_model
@@ -34,22 +35,7 @@ def official_layout(state):
 
 @pytest.mark.parametrize("decoder", ["adamixer", "sparse_rcnn"])
 def test_batch_of_three_equals_three_batches_of_one(decoder):
-    model = tiny(f"model.decoder_type={decoder}").eval()
-    with torch.no_grad():  # sharper anchor scores than at init, so that images keep different anchor counts
-        for mlp in (model.anchor_generator.proj_all, model.anchor_generator.proj_patch):
-            mlp.layers[2].weight.mul_(30)
-    g = torch.Generator().manual_seed(2)
-    images = [torch.rand(3, 160, 224, generator=g) * 255 for _ in range(3)]
-    images[1][:, :80] = 0
-    with torch.no_grad():
-        batched = model(images)
-        counts = model.last_anchors.valid.sum(1).tolist()
-        singles = [model([img])[0] for img in images]
-    assert len(set(counts)) > 1, "the case needs different anchor counts per image"
-    for b, s in zip(batched, singles):
-        assert torch.allclose(b["scores"], s["scores"], atol=1e-5)
-        assert torch.allclose(b["boxes"], s["boxes"], atol=1e-3)
-        assert torch.equal(b["labels"], s["labels"])
+    assert_batch_of_three_equals_singles(tiny(f"model.decoder_type={decoder}").eval())
 
 
 def test_training_losses_and_gradients():
