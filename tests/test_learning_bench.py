@@ -25,7 +25,7 @@ TINY = ["solver.max_iter=2", "solver.eval_period=1", "input.min_size_train=[128]
 
 
 @pytest.mark.parametrize("row, extra", [
-    ("retinanet/mobilenetv2_fpn_cpu", ["model.fpn.channels=16"]),
+    ("retinanet/mobilenetv2_fpn_small_data", ["model.fpn.channels=16"]),
     ("tv:fcos", ["model.fpn_channels=32"]),
 ])
 def test_row_json_and_table(learning, shared_data, tmp_path, single_thread, row, extra):
@@ -46,6 +46,7 @@ def test_row_json_and_table(learning, shared_data, tmp_path, single_thread, row,
     assert isinstance(record["final_train_loss"], float) and record["final_train_loss"] > 0
     assert record["solver"]["images_per_batch"] == 4 and record["solver"]["max_iter"] == 2
     assert record["input"]["max_size_train"] == 192 and record["overrides"] == overrides
+    assert record["budget"]["input"] == learning.INPUT
     assert len(record["load_before"]) == 3 and "learning.py" in record["command"]
     if row.startswith("tv:"):
         # torchvision's recipe at batch 4: reference lr 0.01 x 4/16, lr steps at epochs 16, 22 of 26.
@@ -66,6 +67,31 @@ def test_budget_overrides_scale_the_schedule(learning, tmp_path):
     assert overrides["solver.max_iter"] == 400 and overrides["solver.steps"] == [320, 373]
     assert overrides["solver.images_per_batch"] == 4 and overrides["solver.eval_period"] == 100
     assert overrides["data.train"]["split"] == "raccoon/train.txt" and overrides["data.val"]["format"] == "voc"
+    assert overrides["input.min_size_train"] == [288, 320, 352] and overrides["input.max_size_test"] == 512
+
+
+def test_verdict_against_the_target_and_the_family(learning, tmp_path):
+    def write(row, ap50s, diverged=None):
+        record = {"row": row, "steps": 400, "diverged": diverged, "solver": {"max_iter": 400},
+                  "evaluations": [{"step": 100 * (i + 1), "AP": a / 2, "AP50": a} for i, a in enumerate(ap50s)],
+                  "wall_s": 60.0, "s_per_step": 1.0, "device": "cpu", "threads": 1, "load_before": [1, 1, 1],
+                  "load_after": [1, 1, 1], "final_train_loss": 1.0}
+        (tmp_path / learning.row_file_name(row)).write_text(json.dumps(record))
+
+    write("tv:fcos", [70, 80, 85, 86.4])
+    write("tsp_fcos/mobilenetv2_fpn_cpu", [60, 70, 80, 86.4])       # ties the family: passes
+    write("fcos/mobilenetv2_fpn_small_data", [60, 90, 90, 86.3])     # the last evaluation counts
+    write("querydet/mobilenetv2_fpn_cpu", [10, 20, 30, 90.0])        # tv:retinanet not run
+    write("retinanet/mobilenetv2_fpn_small_data", [0, 0, 0, 0], diverged="NaN")
+    records = {row: json.loads((tmp_path / learning.row_file_name(row)).read_text())
+               for row in learning.ROWS if (tmp_path / learning.row_file_name(row)).is_file()}
+    assert learning.verdict("tsp_fcos/mobilenetv2_fpn_cpu", records) == "**yes**: ≥ 70, ≥ tv:fcos (86.4)"
+    assert learning.verdict("fcos/mobilenetv2_fpn_small_data", records) == "no: ≥ 70, < tv:fcos (86.4)"
+    assert learning.verdict("querydet/mobilenetv2_fpn_cpu", records) == "no: ≥ 70, tv:retinanet not run"
+    assert learning.verdict("retinanet/mobilenetv2_fpn_small_data", records) == "no AP50 @400"
+    assert learning.verdict("tv:fcos", records) == "–"
+    table = learning.format_table(tmp_path)
+    assert "| **yes**: ≥ 70, ≥ tv:fcos (86.4) |" in table
 
 
 def test_table_marks_a_stopped_run(learning, tmp_path):
@@ -78,7 +104,7 @@ def test_table_marks_a_stopped_run(learning, tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:5] == ["`tv:retinanet` (stopped at step 150 of 400)", "41.2 / 80.5", "not reached", "not reached",
                          "not reached"]
-    assert cells[5:] == ["10.0 min", "3.50", "cpu, 1", "3.0 / 4.0", "0.500"]
+    assert cells[5:] == ["–", "10.0 min", "3.50", "cpu, 1", "3.0 / 4.0", "0.500"]
 
 
 def test_table_marks_a_diverged_run(learning, tmp_path):

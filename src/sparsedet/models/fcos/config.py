@@ -35,7 +35,9 @@ class FCOSHeadConfig:
     """``model.head``: the class tower and the box tower (ltrb + centerness predictors).
 
     Attributes:
-        num_convs: 3x3 conv + ReLU layers per tower (FCOS: 4). No GroupNorm (see ``FCOSHead``).
+        num_convs: 3x3 conv + ReLU layers per tower (FCOS: 4).
+        norm_groups: 0 = no GroupNorm (QueryDet's head; needed by Cascade Sparse Query, see
+            ``FCOSHead``); G > 0 = GroupNorm(G) after every tower conv, as the published FCOS (32).
         prior_prob: initial foreground probability of every position (class predictor bias).
         box_activation: how the raw box output x of level l (stride s) becomes ltrb pixels:
             ``relu``: relu(scale_l * x) * s (FCOS's ``norm_reg_targets``, AdelaiDet default);
@@ -43,6 +45,7 @@ class FCOSHeadConfig:
     """
 
     num_convs: int = 4
+    norm_groups: int = 0
     prior_prob: float = 0.01
     box_activation: str = "relu"
 
@@ -183,6 +186,12 @@ def check_fcos_config(cfg: FCOSConfig) -> None:
         raise ConfigError(f"model.head.box_activation must be one of {BOX_ACTIVATIONS}, got {cfg.head.box_activation!r}")
     if not 0.0 < cfg.head.prior_prob < 1.0:
         raise ConfigError(f"model.head.prior_prob must be in (0, 1), got {cfg.head.prior_prob}")
+    channels, groups = int(cfg.fpn.channels), int(cfg.head.norm_groups)
+    if groups < 0 or (groups and channels % groups):
+        raise ConfigError(f"model.head.norm_groups must be 0 or divide model.fpn.channels ({channels}), got {groups}")
+    if groups and cfg.csq.enabled:
+        raise ConfigError("model.csq.enabled needs model.head.norm_groups=0: GroupNorm statistics span the whole "
+                          "feature map, which a sparse evaluation cannot reproduce")
     ranges = cfg.targets.regression_ranges
     if ranges is not None:
         if len(ranges) != len(levels):

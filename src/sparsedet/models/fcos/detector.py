@@ -49,7 +49,7 @@ class FCOS(nn.Module):
         self.preprocess = build_preprocessor(cfg)
         self.backbone = build_backbone(cfg.backbone, cfg.fpn)
         self.head = FCOSHead(self.backbone.out_channels, cfg.num_classes, self.strides, cfg.head.num_convs,
-                             cfg.head.prior_prob, cfg.head.box_activation)
+                             cfg.head.prior_prob, cfg.head.box_activation, cfg.head.norm_groups)
         ranges = cfg.targets.regression_ranges or default_regression_ranges(self.levels)
         self.regression_ranges = tuple((float(lo), float(hi)) for lo, hi in ranges)
         self.level_loss_weights = tuple(float(w) for w in (cfg.loss.level_loss_weights or (1.0,) * len(self.levels)))

@@ -1,4 +1,4 @@
-"""The FCOS head without normalisation: a class tower and a box tower (ltrb + centerness)."""
+"""The FCOS head: a class tower and a box tower (ltrb + centerness); GroupNorm optional."""
 from __future__ import annotations
 
 import math
@@ -15,10 +15,11 @@ class FCOSHead(nn.Module):
     ``box_tower``: same depth, separate weights -> two 3x3 predictors on the same trunk: 4 raw box
     outputs and 1 centerness logit (centerness on the regression branch, as AdelaiDet).
 
-    **No GroupNorm**, unlike the published FCOS: GN normalises with statistics of the whole feature map,
-    so a head evaluated on a sparse set of positions (Cascade Sparse Query, spec §5.1) could not
-    reproduce them. Without norm layers every output depends only on a (2 * num_convs + 3)^2 window, and
-    the sparse towers of ``sparsedet.models.csq`` compute exactly the dense values given enough context.
+    **No GroupNorm** by default, unlike the published FCOS: GN normalises with statistics of the whole
+    feature map, so a head evaluated on a sparse set of positions (Cascade Sparse Query, spec §5.1) could
+    not reproduce them. Without norm layers every output depends only on a (2 * num_convs + 3)^2 window,
+    and the sparse towers of ``sparsedet.models.csq`` compute exactly the dense values given enough
+    context. ``norm_groups`` > 0 puts the published head's GroupNorm after every tower conv (dense only).
 
     Box outputs become ltrb distances in pixels with a learnable scalar ``scales[i]`` per level (FCOS's
     ``Scale`` module, which lets the shared predictor serve every stride):
@@ -31,15 +32,15 @@ class FCOSHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, strides: Sequence[int], num_convs: int = 4,
-                 prior_prob: float = 0.01, box_activation: str = "relu"):
+                 prior_prob: float = 0.01, box_activation: str = "relu", norm_groups: int = 0):
         super().__init__()
         if box_activation not in ("relu", "exp"):
             raise ValueError(f"box_activation must be 'relu' or 'exp', got {box_activation!r}")
         self.num_classes = num_classes
         self.strides = tuple(int(s) for s in strides)
         self.box_activation = box_activation
-        self.cls_tower = ConvTower(in_channels, num_convs, (num_classes,))
-        self.box_tower = ConvTower(in_channels, num_convs, (4, 1))
+        self.cls_tower = ConvTower(in_channels, num_convs, (num_classes,), norm_groups=norm_groups)
+        self.box_tower = ConvTower(in_channels, num_convs, (4, 1), norm_groups=norm_groups)
         self.scales = nn.Parameter(torch.ones(len(self.strides)))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
